@@ -1,0 +1,1 @@
+"""The auditor: consumes audit events and stores hashed request metadata in ClickHouse."""

@@ -1,0 +1,74 @@
+"""Reading audit events from their stream and storing them. An event is
+acknowledged (and deleted) only after its row was inserted; if the insert
+fails, the events stay pending and are retried, so none is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from bastion_auditor.settings import AuditorSettings
+from bastion_auditor.store import AuditStore
+from bastion_common import keys as K
+from bastion_common.messages import AuditEvent
+
+log = logging.getLogger(__name__)
+READ_BLOCK_MS = 1000
+RETRY_S = 1.0
+
+
+class AuditConsumer:
+    def __init__(self, settings: AuditorSettings, store: AuditStore, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.store = store
+        self.redis = redis
+        self.stream = settings.keys.audit
+        self.dead = settings.keys.audit_dead
+
+    async def run(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(aioredis.ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(self.stream, K.AUDITOR_GROUP, id="0", mkstream=True)
+        # "0" re-reads what this consumer took but never acknowledged; ">" is new events.
+        start = "0"
+        while not stop.is_set():
+            reply = await self.redis.xreadgroup(
+                K.AUDITOR_GROUP,
+                self.settings.auditor_id,
+                {self.stream: start},
+                count=self.settings.audit_batch_size,
+                block=READ_BLOCK_MS if start == ">" else None,
+            )
+            entries = [e for _, es in reply for e in es] if reply else []
+            if not entries:
+                start = ">"
+                continue
+            if not await self._store(entries):
+                start = "0"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_S)
+
+    async def _store(self, entries: list[tuple[str, dict[str, str] | None]]) -> bool:
+        events: list[AuditEvent] = []
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, fields in entries:
+            try:
+                events.append(AuditEvent.load(fields or {}))
+            except (ValidationError, KeyError, ValueError):
+                log.error("audit entry %s is malformed; moved to %s", entry_id, self.dead)
+                pipe.xadd(self.dead, fields or {"empty": "1"})
+        try:
+            if events:
+                await asyncio.to_thread(self.store.insert, events)
+        except Exception:
+            log.exception("inserting %d audit rows failed; will retry", len(events))
+            return False
+        ids = [entry_id for entry_id, _ in entries]
+        pipe.xack(self.stream, K.AUDITOR_GROUP, *ids)
+        pipe.xdel(self.stream, *ids)
+        await pipe.execute()
+        log.info("stored %d audit rows", len(events))
+        return True

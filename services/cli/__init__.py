@@ -1,0 +1,1 @@
+"""The ``bastion`` command: run the local platform, mint tokens, build models."""

@@ -1,0 +1,106 @@
+"""Starting the four services as separate processes, waiting until the gateway
+is ready, and stopping them all. Used by ``bastion run`` and by the end-to-end
+tests, so both exercise the same start-up path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+SERVICES = ("guard", "auditor", "worker", "gateway")
+STOP_GRACE_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    """The platform's processes. ``env`` holds the BASTION_* settings they share."""
+
+    env: dict[str, str]
+    log_dir: Path | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.env.get('BASTION_HOST', '127.0.0.1')}:{self.env['BASTION_PORT']}"
+
+    @property
+    def auditor_url(self) -> str:
+        host = self.env.get("BASTION_AUDITOR_HOST", "127.0.0.1")
+        return f"http://{host}:{self.env['BASTION_AUDITOR_PORT']}"
+
+    def start(self, extra: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        for name in SERVICES:
+            self.start_one(name, (extra or {}).get(name, {}))
+
+    def start_one(self, name: str, extra: Mapping[str, str] | None = None) -> None:
+        env = {**os.environ, **self.env, **(extra or {})}
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")
+            self._logs.append(out)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"bastion_{name}"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only the launcher
+        )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll the gateway's /readyz until it says ready, or raise."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.gateway_url}/readyz", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = exc.read().decode(errors="replace")
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise TimeoutError(f"the platform was not ready within {timeout_s:.0f}s: {last}")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"service {name} exited with status {proc.returncode}")
+
+    def stop_one(self, name: str) -> int:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM to each, gateway first so no new work arrives; kill what lingers."""
+        for name in reversed(list(self.procs)):
+            self.stop_one(name)
+        for out in self._logs:
+            out.close()
+        self._logs.clear()

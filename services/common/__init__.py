@@ -1,0 +1,1 @@
+"""Plumbing shared by every Bastion service: settings, keys, messages, errors, logging."""

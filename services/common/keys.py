@@ -1,0 +1,59 @@
+"""Every Redis key, stream and consumer-group name Bastion uses, in one place.
+
+All names hang off one prefix (``BASTION_KEY_PREFIX``), so that several
+deployments, or several test runs, can share one Redis without seeing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WORKER_GROUP = "workers"
+AUDITOR_GROUP = "auditors"
+
+# A worker refreshes its registration this often, and it expires after the TTL.
+WORKER_HEARTBEAT_S = 2.0
+WORKER_TTL_S = 10
+# A result stream nobody reads any more disappears after this long.
+RESULT_TTL_S = 120
+# A cancel mark lives this long; the worker checks it between decode steps.
+CANCEL_TTL_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "bastion"
+
+    def requests(self, model: str) -> str:
+        """Stream of generation requests for one model, read by the worker group."""
+        return f"{self.prefix}:req:{model}"
+
+    def results(self, request_id: str) -> str:
+        """Per-request stream of tokens, ending with exactly one final record."""
+        return f"{self.prefix}:res:{request_id}"
+
+    def cancel(self, request_id: str) -> str:
+        """Set when the client went away; the worker stops that sequence."""
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def worker(self, model: str, worker_id: str) -> str:
+        """A live worker's registration; expires unless refreshed."""
+        return f"{self.prefix}:worker:{model}:{worker_id}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    @property
+    def audit(self) -> str:
+        """Stream of audit events, read by the auditor group."""
+        return f"{self.prefix}:audit"
+
+    @property
+    def audit_dead(self) -> str:
+        """Audit entries the auditor could not parse, kept for inspection."""
+        return f"{self.prefix}:audit:dead"
+
+    def model_of_worker_key(self, key: str) -> str:
+        """The model name inside a key made by :meth:`worker`."""
+        head = f"{self.prefix}:worker:"
+        return key[len(head) :].rsplit(":", 1)[0]

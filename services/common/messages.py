@@ -1,0 +1,109 @@
+"""Every message that crosses a process boundary through Redis, typed and versioned.
+
+Each is serialised as JSON into one stream field (``FIELD``), never pickled.
+Readers ignore fields they do not know, so a newer writer does not break an
+older reader.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FIELD = "m"
+VERSION = 1
+Status = Literal["ok", "blocked", "error", "cancelled"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: int = VERSION
+
+    def dump(self) -> dict[Any, Any]:
+        """The stream entry's fields (typed loosely, as redis-py's XADD takes them)."""
+        return {FIELD: self.model_dump_json()}
+
+    @classmethod
+    def load(cls, fields: dict[str, str]) -> Self:
+        return cls.model_validate_json(fields[FIELD])
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Requester(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    subject: str
+    tenant: str
+    role: str
+
+
+class GenerationRequest(Message):
+    """The gateway's request to the worker group of one model."""
+
+    id: str
+    model: str
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = SamplingParams()
+    requester: Requester
+    result_stream: str
+    cancel_key: str
+    enqueued_at: float
+    deadline: float
+
+
+class ResultRecord(Message):
+    """One record on a request's result stream. ``token`` records carry text in
+    order; exactly one ``done`` or ``error`` record ends the stream."""
+
+    kind: Literal["token", "done", "error"]
+    text: str = ""
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_type: str | None = None
+    error_message: str | None = None
+    error_code: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind != "token"
+
+
+class AuditEvent(Message):
+    """What the auditor stores for one request: metadata and hashes, never text."""
+
+    id: str
+    timestamp: float
+    user_id: str
+    tenant: str
+    role: str
+    model: str
+    endpoint: str
+    input_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    output_length: int
+    prompt_tokens: int
+    completion_tokens: int
+    processing_time: float
+    status: Status
+    error_code: str = ""
+    guard_verdict: str = ""
+    guard_findings: tuple[str, ...] = ()

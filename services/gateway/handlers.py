@@ -1,0 +1,107 @@
+"""HTTP handlers: parse, hand to the inference service, render."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from bastion_common.errors import BastionError
+from bastion_gateway import keys
+from bastion_gateway.render import Renderer, sse
+from bastion_gateway.schemas import Job, chat_job, completion_job, generate_job, parse_json
+from bastion_gateway.service import Delta, Finish
+
+routes = web.RouteTableDef()
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return parse_json(await request.read())
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat_job(await _body(request)))
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, completion_job(await _body(request)))
+
+
+@routes.post("/generate")
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, generate_job(await _body(request)))
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    names = await request.app[keys.SERVICE].models()
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "bastion"} for n in names]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"redis": False, "guard": False, "worker": False}
+    with contextlib.suppress(Exception):
+        checks["redis"] = bool(await request.app[keys.BROKER].redis.ping())
+        checks["worker"] = bool(await request.app[keys.BROKER].live_models())
+    checks["guard"] = await request.app[keys.GUARD].healthy()
+    ready = all(checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+async def _serve(request: web.Request, job: Job) -> web.StreamResponse:
+    service = request.app[keys.SERVICE]
+    principal = keys.principal(request)
+    request_id = uuid.uuid4().hex
+    events = service.run(job, principal, request_id)
+    renderer = Renderer(job, job.model or "", request_id)
+    async with contextlib.aclosing(events):
+        if job.stream:
+            return await _stream(request, events, renderer)
+        parts: list[str] = []
+        async for event in events:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                return web.json_response(renderer.whole("".join(parts), event))
+    raise AssertionError("the inference service ended without a Finish")
+
+
+async def _stream(request: web.Request, events: Any, renderer: Renderer) -> web.StreamResponse:
+    """SSE. Errors before the first event are ordinary HTTP errors; after it, one
+    error event ends the stream. Otherwise it ends with the finish chunk and [DONE]."""
+    first = await anext(events)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    if renderer.job.endpoint == "chat":
+        await response.write(renderer.chunk(first=True))
+    event = first
+    try:
+        while True:
+            if isinstance(event, Finish):
+                await response.write(renderer.chunk(finish=event.reason))
+                if renderer.job.include_usage:
+                    await response.write(renderer.usage_chunk(event))
+                await response.write(sse("[DONE]"))
+                break
+            await response.write(renderer.chunk(event.text))
+            event = await anext(events)
+    except BastionError as exc:
+        await response.write(sse(exc.body()))
+    await response.write_eof()
+    return response

@@ -1,0 +1,24 @@
+"""Typed keys for what the gateway keeps on its app and requests."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from bastion_common.tokens import Principal
+from bastion_gateway.broker import Broker
+from bastion_gateway.guard_client import GuardClient
+from bastion_gateway.service import InferenceService
+from bastion_gateway.settings import GatewaySettings
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+BROKER = web.AppKey("broker", Broker)
+GUARD = web.AppKey("guard", GuardClient)
+SERVICE = web.AppKey("service", InferenceService)
+JWT_KEY = web.AppKey("jwt_key", str)
+PRINCIPAL = "bastion.principal"
+
+
+def principal(request: web.Request) -> Principal:
+    value = request[PRINCIPAL]
+    assert isinstance(value, Principal)
+    return value

@@ -1,0 +1,224 @@
+"""One request's way through the platform, free of HTTP:
+resolve the model -> guard input -> queue -> worker results -> guard output,
+with an audit event at the end whatever happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+
+from bastion_common.errors import (
+    BastionError,
+    ContentBlockedError,
+    NotFoundError,
+    ServiceUnavailableError,
+    from_name,
+)
+from bastion_common.hashing import input_hash
+from bastion_common.messages import (
+    AuditEvent,
+    ChatMessage,
+    GenerationRequest,
+    Requester,
+    Status,
+)
+from bastion_common.pb import guard_pb2
+from bastion_common.tokens import Principal
+from bastion_gateway.broker import Broker
+from bastion_gateway.guard_client import GuardClient
+from bastion_gateway.schemas import Job
+from bastion_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Outcome:
+    """What the audit record says about one request; filled in as it runs."""
+
+    status: Status = "error"
+    error_code: str = ""
+    verdict: str = ""
+    findings: list[str] = field(default_factory=list)
+    output_length: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class InferenceService:
+    def __init__(self, settings: GatewaySettings, broker: Broker, guard: GuardClient) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.guard = guard
+
+    async def resolve_model(self, name: str | None) -> str:
+        live = await self.broker.live_models()
+        if name is None:
+            name = self.settings.default_model or min(live, default=None)
+            if name is None:
+                raise ServiceUnavailableError("No worker is serving any model.", code="no_worker")
+        if name in live:
+            return name
+        if name in self.settings.models:
+            raise ServiceUnavailableError(
+                f"No worker is serving the model '{name}' right now.", code="no_worker"
+            )
+        raise NotFoundError(
+            f"The model '{name}' does not exist.", param="model", code="model_not_found"
+        )
+
+    async def models(self) -> list[str]:
+        return sorted((await self.broker.live_models()) | set(self.settings.models))
+
+    async def run(
+        self, job: Job, principal: Principal, request_id: str
+    ) -> AsyncGenerator[Delta | Finish, None]:
+        """Yield the response's text pieces, then one Finish; raise a BastionError on failure."""
+        started = time.time()
+        outcome = Outcome()
+        model = job.model or "-"
+        try:
+            model = await self.resolve_model(job.model)
+            async for event in self._run(request_id, model, job, principal, outcome):
+                yield event
+        except BastionError as exc:
+            outcome.error_code = exc.code or exc.type
+            if isinstance(exc, ContentBlockedError):
+                outcome.status = "blocked"
+            raise
+        except (asyncio.CancelledError, ConnectionResetError, GeneratorExit):
+            # Closing the generator after the Finish is the normal end, not a cancel.
+            if outcome.status != "ok":
+                outcome.status = "cancelled"
+            raise
+        finally:
+            await self._audit(request_id, model, job, principal, started, outcome)
+
+    async def _run(
+        self, request_id: str, model: str, job: Job, principal: Principal, outcome: Outcome
+    ) -> AsyncIterator[Delta | Finish]:
+        messages, prompt = await self._check_input(request_id, job, principal, outcome)
+        now = time.time()
+        request = GenerationRequest(
+            id=request_id,
+            model=model,
+            messages=messages,
+            prompt=prompt,
+            params=job.params,
+            requester=Requester(
+                subject=principal.subject, tenant=principal.tenant, role=principal.role
+            ),
+            result_stream=self.broker.keys.results(request_id),
+            cancel_key=self.broker.keys.cancel(request_id),
+            enqueued_at=now,
+            deadline=now + self.settings.request_timeout_s,
+        )
+        entry_id = await self.broker.enqueue(request)
+        output = self.guard.output_filter(request_id, principal.tenant)
+        finished = False
+        try:
+            async for record in self.broker.results(request):
+                if record.kind == "error":
+                    raise from_name(
+                        record.error_type or "", record.error_message or "", record.error_code
+                    )
+                text = await output.filter(record.text, final=record.kind == "done")
+                if text:
+                    outcome.output_length += len(text)
+                    yield Delta(text)
+                if record.kind == "done":
+                    outcome.prompt_tokens = record.prompt_tokens
+                    outcome.completion_tokens = record.completion_tokens
+                    finished = True
+                    outcome.status = "ok"
+                    yield Finish(
+                        record.finish_reason or "stop",
+                        record.prompt_tokens,
+                        record.completion_tokens,
+                    )
+        finally:
+            outcome.findings.extend(output.findings)
+            if not finished:
+                output.cancel()
+                await self.broker.cancel(request)
+            await self.broker.forget(request, entry_id)
+
+    async def _check_input(
+        self, request_id: str, job: Job, principal: Principal, outcome: Outcome
+    ) -> tuple[tuple[ChatMessage, ...] | None, str | None]:
+        segments: list[tuple[str, str]]
+        if job.messages is not None:
+            segments = [(m.role, m.content) for m in job.messages]
+        else:
+            segments = [("prompt", job.prompt or "")]
+        verdict = await self.guard.check_input(request_id, principal.tenant, segments)
+        outcome.verdict = guard_pb2.Verdict.Name(verdict.verdict)
+        outcome.findings.extend(f.kind for f in verdict.findings)
+        if verdict.verdict == guard_pb2.VERDICT_BLOCK:
+            raise ContentBlockedError("The request was blocked by the input guard.")
+        clean = [s.text for s in verdict.sanitised]
+        if job.messages is not None:
+            return tuple(
+                ChatMessage(role=m.role, content=t)
+                for m, t in zip(job.messages, clean, strict=True)
+            ), None
+        return None, clean[0]
+
+    async def _audit(
+        self,
+        request_id: str,
+        model: str,
+        job: Job,
+        principal: Principal,
+        started: float,
+        outcome: Outcome,
+    ) -> None:
+        event = AuditEvent(
+            id=request_id,
+            timestamp=started,
+            user_id=principal.subject,
+            tenant=principal.tenant,
+            role=principal.role,
+            model=model,
+            endpoint=job.endpoint,
+            input_hash=input_hash(job.prompt, job.messages),
+            output_length=outcome.output_length,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            processing_time=time.time() - started,
+            status=outcome.status,
+            error_code=outcome.error_code,
+            guard_verdict=outcome.verdict,
+            guard_findings=tuple(outcome.findings),
+        )
+        try:
+            # Shielded: a client that hangs up must not cost the audit record.
+            await asyncio.shield(self.broker.audit(event))
+        except Exception:
+            log.exception("audit event for request %s could not be queued", request_id)
+        log.info(
+            "request=%s user=%s model=%s endpoint=%s status=%s code=%s out_chars=%d seconds=%.3f",
+            request_id,
+            principal.subject,
+            model,
+            job.endpoint,
+            outcome.status,
+            outcome.error_code or "-",
+            outcome.output_length,
+            event.processing_time,
+        )

@@ -1,0 +1,33 @@
+"""``python -m bastion_guard``: run the guard until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from bastion_common import logs
+from bastion_guard.server import start
+from bastion_guard.settings import GuardSettings
+
+GRACE_S = 5.0
+
+
+async def serve(settings: GuardSettings) -> None:
+    log = logs.setup("guard", settings.log_level)
+    server, port = await start(settings)
+    log.info("guard listening on %s:%d", settings.guard_host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("guard stopping")
+    await server.stop(GRACE_S)
+
+
+def main() -> None:
+    asyncio.run(serve(GuardSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""``python -m bastion_worker``: load the model and serve its request stream."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import redis.asyncio as aioredis
+import torch
+
+from bastion_common import logs
+from bastion_worker.consumer import Consumer
+from bastion_worker.engine import Engine
+from bastion_worker.loader import load
+from bastion_worker.settings import WorkerSettings
+
+
+async def serve(settings: WorkerSettings) -> None:
+    log = logs.setup("worker", settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    lm = await asyncio.to_thread(load, settings.model_path, settings.device, settings.dtype)
+    redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %s serving model %s", settings.worker_id, settings.served_name)
+    try:
+        await Consumer(settings, Engine(lm), redis).run(stop)
+    finally:
+        await redis.aclose()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    asyncio.run(serve(WorkerSettings()))  # type: ignore[call-arg]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The batched forward passes. Owns torch; knows nothing of Redis or HTTP.
+
+A batch is prefilled once (prompts left-padded to one length) and then decoded
+one token per step for every live row, with the KV cache carried between steps.
+Rows that finish keep a slot until the whole batch is done; continuous batching
+is the worker-engine issue's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from bastion_common.messages import SamplingParams
+from bastion_worker.detokenize import IncrementalDetokenizer
+from bastion_worker.loader import LoadedModel
+from bastion_worker.sampling import make_generator, sample
+from bastion_worker.stops import StopMatcher
+
+
+@dataclass
+class Sequence:
+    """One request's generation state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stops: tuple[str, ...]
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    pending_text: str = ""  # released by detokeniser and stop matcher, not yet published
+    published: bool = False  # the final record went out
+    detok: IncrementalDetokenizer | None = None
+    stopper: StopMatcher | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]
+    cache: DynamicCache  # grows in place, one entry per step
+    attention_mask: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B] position of each row's latest token
+    last_tokens: torch.Tensor  # [B]
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+
+    def new_sequence(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stops: tuple[str, ...],
+    ) -> Sequence:
+        seq = Sequence(request_id, prompt_ids, params, max_new_tokens, stops)
+        seq.detok = IncrementalDetokenizer(self.lm.tokenizer, prompt_ids)
+        seq.stopper = StopMatcher(stops)
+        seq.generator = make_generator(params)
+        return seq
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> Batch:
+        device = self.lm.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.lm.pad_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            ids[row, width - n :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - n :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        cache = DynamicCache(config=self.lm.model.config)
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = Batch(seqs, cache, mask, positions[:, -1], ids[:, -1])
+        self._advance(batch, out.logits[:, -1, :])
+        return batch
+
+    @torch.inference_mode()
+    def decode_step(self, batch: Batch) -> None:
+        device = self.lm.device
+        batch.attention_mask = torch.cat(
+            [
+                batch.attention_mask,
+                torch.ones((len(batch.seqs), 1), dtype=torch.long, device=device),
+            ],
+            dim=-1,
+        )
+        batch.positions = batch.positions + 1
+        out = self.lm.model(
+            input_ids=batch.last_tokens[:, None],  # [B, 1]
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions[:, None],
+            cache=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._advance(batch, out.logits[:, -1, :])
+
+    def _advance(self, batch: Batch, logits: torch.Tensor) -> None:  # logits: [B, V]
+        live = [i for i, s in enumerate(batch.seqs) if not s.finished]
+        chosen = sample(
+            logits[live],
+            [batch.seqs[i].params for i in live],
+            [batch.seqs[i].generator for i in live],
+        )
+        next_tokens = batch.last_tokens.clone()
+        for row, token in zip(live, chosen, strict=True):
+            next_tokens[row] = token
+            self._accept(batch.seqs[row], token)
+        batch.last_tokens = next_tokens
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        assert seq.detok is not None and seq.stopper is not None
+        if token in self.lm.eos_ids:
+            seq.pending_text += seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
+            seq.finish_reason = "stop"
+            return
+        seq.output_ids.append(token)
+        seq.pending_text += seq.stopper.feed(seq.detok.add(token))
+        if seq.stopper.stopped:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.max_new_tokens:
+            seq.pending_text += seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
+            seq.finish_reason = "length"
+
+    @staticmethod
+    def cancel(seq: Sequence) -> None:
+        if not seq.finished:
+            seq.finish_reason = "cancelled"
+
+    @staticmethod
+    def take_text(seq: Sequence) -> str:
+        text, seq.pending_text = seq.pending_text, ""
+        return text

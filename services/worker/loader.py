@@ -1,0 +1,115 @@
+"""Loading a Hugging Face-format causal LM from a local folder, and the prompt
+format: the tokenizer's chat template when it has one, a plain default when not."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bastion_common.errors import InvalidRequestError
+from bastion_common.messages import ChatMessage
+
+log = logging.getLogger(__name__)
+
+# For tokenizers without a template: role-labelled turns, then the assistant's cue.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# With the default template a base model tends to write the next user turn itself.
+DEFAULT_TEMPLATE_STOPS = ("\n\nUser:",)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    device: torch.device
+    context_length: int
+    eos_ids: frozenset[int]
+    pad_id: int
+    chat_template: str
+    chat_stops: tuple[str, ...]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return ids
+
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # jinja raises for conversations a template rejects
+            raise InvalidRequestError(
+                f"The model's chat template rejected these messages: {exc}", param="messages"
+            ) from exc
+        bos = self.tokenizer.bos_token
+        with_bos = not (bos and text.startswith(bos))
+        ids: list[int] = self.tokenizer(text, add_special_tokens=with_bos)["input_ids"]
+        return ids
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("BASTION_DEVICE=cuda, but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        # bf16 on CUDA; fp32 on CPU, where bf16 matmuls are slower on most CPUs.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype: torch.dtype = getattr(torch, choice)
+    return dtype
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def load(path: Path, device_choice: str = "auto", dtype_choice: str = "auto") -> LoadedModel:
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"No Hugging Face model folder at {path} (config.json is missing)")
+    device = pick_device(device_choice)
+    dtype = pick_dtype(dtype_choice, device)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model.to(device).eval()
+    template = tokenizer.chat_template
+    stops: tuple[str, ...] = ()
+    if not isinstance(template, str):
+        template, stops = DEFAULT_CHAT_TEMPLATE, DEFAULT_TEMPLATE_STOPS
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    log.info(
+        "loaded model=%s device=%s dtype=%s context=%d params=%d",
+        path.name,
+        device,
+        dtype,
+        context,
+        sum(p.numel() for p in model.parameters()),
+    )
+    return LoadedModel(model, tokenizer, device, context, eos, int(pad), template, stops)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from bastion_common.settings import CommonSettings
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(CommonSettings):
+    model_path: Path
+    # The name clients use in the `model` field; defaults to the folder's name.
+    model_name: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(8, ge=1, le=256)
+    # Used when a request gives no max_tokens (still capped by the context).
+    default_max_tokens: int = Field(256, ge=1)
+    worker_id: str = Field(default_factory=_default_worker_id)
+    torch_threads: int | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model_path.name

@@ -1,0 +1,108 @@
+"""The worker's consumer loop against the real Redis and the tiny model."""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from bastion_common import keys as K
+from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
+from bastion_worker.consumer import Consumer
+from bastion_worker.engine import Engine
+from bastion_worker.settings import WorkerSettings
+from tests.polling import eventually
+
+
+@pytest.fixture
+async def worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url):
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
+    )
+    stop = asyncio.Event()
+    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    task = asyncio.create_task(consumer.run(stop))
+    yield settings
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+def _request(settings, prompt="Hello", deadline_s=60.0, **params):
+    rid = uuid.uuid4().hex
+    keys = settings.keys
+    return GenerationRequest(
+        id=rid,
+        model=settings.served_name,
+        prompt=prompt,
+        params=SamplingParams(**params),
+        requester=Requester(subject="s", tenant="t", role="user"),
+        result_stream=keys.results(rid),
+        cancel_key=keys.cancel(rid),
+        enqueued_at=time.time(),
+        deadline=time.time() + deadline_s,
+    )
+
+
+async def _results(aredis, req, timeout_s=30.0):
+    records, last = [], "0-0"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = await aredis.xread({req.result_stream: last}, block=500)
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                records.append(ResultRecord.load(fields))
+                if records[-1].final:
+                    return records
+    raise AssertionError(f"no final record within {timeout_s}s: {records}")
+
+
+async def test_requests_are_served_in_one_batch_and_removed(worker, aredis):
+    reqs = [_request(worker, p, max_tokens=6, temperature=0.0) for p in ("Hello", "你好", "abc")]
+    for req in reqs:
+        await aredis.xadd(worker.keys.requests(worker.served_name), req.dump())
+    for req in reqs:
+        records = await _results(aredis, req)
+        done = records[-1]
+        assert done.kind == "done" and done.finish_reason == "length"
+        assert done.completion_tokens == 6 and done.prompt_tokens > 0
+        assert all(r.kind == "token" for r in records[:-1])
+    stream = worker.keys.requests(worker.served_name)
+
+    async def drained():
+        return await aredis.xlen(stream) == 0
+
+    await eventually(drained)
+    pending = await aredis.xpending(stream, K.WORKER_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_worker_registers_while_running(worker, aredis):
+    key = worker.keys.worker(worker.served_name, worker.worker_id)
+
+    async def registered():
+        return await aredis.exists(key)
+
+    await eventually(registered)
+    assert 0 < await aredis.ttl(key) <= K.WORKER_TTL_S
+
+
+async def test_expired_and_oversized_requests_get_error_records(worker, aredis):
+    stream = worker.keys.requests(worker.served_name)
+    late = _request(worker, deadline_s=-1)
+    huge = _request(worker, prompt="hello " * 2000)
+    for req in (late, huge):
+        await aredis.xadd(stream, req.dump())
+    (late_rec,) = await _results(aredis, late)
+    (huge_rec,) = await _results(aredis, huge)
+    assert late_rec.kind == "error" and late_rec.error_type == "TimeoutError_"
+    assert huge_rec.kind == "error" and huge_rec.error_code == "context_length_exceeded"
+
+
+async def test_cancel_mark_stops_generation_early(worker, aredis):
+    req = _request(worker, max_tokens=500, temperature=0.0)
+    await aredis.set(req.cancel_key, "1")
+    await aredis.xadd(worker.keys.requests(worker.served_name), req.dump())
+    records = await _results(aredis, req)
+    assert records[-1].finish_reason == "cancelled"
+    assert records[-1].completion_tokens < 500

@@ -1,0 +1,56 @@
+import pytest
+
+from bastion_worker.detokenize import REPLACEMENT, IncrementalDetokenizer
+from bastion_worker.stops import StopMatcher
+
+TEXTS = ["你好，世界！今天天气很好。", "Emoji 🙂🚀 and café", "私有部署 private 部署 🔒 ok"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_pieces_are_whole_characters_and_add_up(tiny_lm, text):
+    tok = tiny_lm.tokenizer
+    prompt = tok("Q:")["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # The byte-level tokeniser does split these characters over several tokens.
+    assert any(REPLACEMENT in tok.decode([i]) for i in ids)
+    detok = IncrementalDetokenizer(tok, prompt)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert all(REPLACEMENT not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_replacement(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ids = tok("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    detok = IncrementalDetokenizer(tok, [])
+    assert [detok.add(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert REPLACEMENT in detok.flush()
+    assert detok.flush() == ""
+
+
+def _run(stops, pieces):
+    matcher = StopMatcher(tuple(stops))
+    out = [matcher.feed(p) for p in pieces]
+    out.append(matcher.flush())
+    return out, matcher.stopped
+
+
+def test_stop_string_cuts_output_before_it():
+    out, stopped = _run(["END"], ["abc E", "N", "D more"])
+    assert "".join(out) == "abc " and stopped
+
+
+def test_possible_stop_prefix_is_held_then_released():
+    out, stopped = _run(["END"], ["abc E", "x"])
+    assert out[0] == "abc " and "".join(out) == "abc Ex" and not stopped
+
+
+def test_no_stops_releases_everything_at_once():
+    out, _ = _run([], ["a", "b"])
+    assert out == ["a", "b", ""]
+
+
+def test_earliest_of_several_stops_wins():
+    out, _ = _run(["\n\n", "###"], ["one ### two\n\nthree"])
+    assert "".join(out) == "one "

@@ -1,0 +1,79 @@
+"""The batched engine on the tiny model, against transformers' own generate()."""
+
+import torch
+
+from bastion_common.messages import SamplingParams
+from bastion_worker.engine import Engine
+
+PROMPTS = [
+    "Hello, world!",
+    "你好，世界！今天天气",
+    "The gateway checks every request before it",
+    "a",
+]
+
+
+def _run(engine, seqs):
+    batch = engine.prefill(seqs)
+    while not batch.done:
+        engine.decode_step(batch)
+    return batch
+
+
+def test_greedy_batch_equals_generate_for_every_row(tiny_lm):
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0)
+    ids = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    seqs = [engine.new_sequence(str(i), x, greedy, 10 + i, ()) for i, x in enumerate(ids)]
+    _run(engine, seqs)
+    for seq, prompt in zip(seqs, ids, strict=True):
+        ref = tiny_lm.model.generate(
+            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens, do_sample=False
+        )[0, len(prompt) :].tolist()
+        assert seq.output_ids == ref[: len(seq.output_ids)]
+        assert seq.finish_reason in ("length", "stop")
+        if seq.finish_reason == "length":
+            assert len(seq.output_ids) == seq.max_new_tokens
+
+
+def test_seed_reproduces_and_differs_between_seeds(tiny_lm):
+    engine = Engine(tiny_lm)
+    prompt = tiny_lm.encode_prompt("Hello")
+
+    def sample(seed):
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=seed)
+        seq = engine.new_sequence("s", prompt, params, 16, ())
+        _run(engine, [seq])
+        return seq.output_ids
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stop_string_finishes_with_stop(tiny_lm):
+    engine = Engine(tiny_lm)
+    prompt = tiny_lm.encode_prompt("Hello")
+    free = engine.new_sequence("a", prompt, SamplingParams(temperature=0.0), 12, ())
+    _run(engine, [free])
+    text = engine.take_text(free)
+    stop = text[3:5]
+    assert stop.strip(), "the tiny model's greedy text should give a usable stop string"
+    stopped = engine.new_sequence("b", prompt, SamplingParams(temperature=0.0), 12, (stop,))
+    _run(engine, [stopped])
+    assert stopped.finish_reason == "stop"
+    assert engine.take_text(stopped) == text[: text.index(stop)]
+
+
+def test_cancel_ends_a_row_without_stopping_the_others(tiny_lm):
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0)
+    seqs = [
+        engine.new_sequence(str(i), tiny_lm.encode_prompt(p), greedy, 8, ())
+        for i, p in enumerate(PROMPTS[:2])
+    ]
+    batch = engine.prefill(seqs)
+    engine.cancel(seqs[0])
+    while not batch.done:
+        engine.decode_step(batch)
+    assert seqs[0].finish_reason == "cancelled" and len(seqs[0].output_ids) == 1
+    assert seqs[1].finish_reason == "length" and len(seqs[1].output_ids) == 8
