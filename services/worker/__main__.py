@@ -7,6 +7,7 @@ import signal
 
 import redis.asyncio as aioredis
 import torch
+from transformers.utils import logging as hf_logging
 
 from bastion_common import logs
 from bastion_worker.consumer import Consumer
@@ -17,6 +18,7 @@ from bastion_worker.settings import WorkerSettings
 
 async def serve(settings: WorkerSettings) -> None:
     log = logs.setup("worker", settings.log_level)
+    hf_logging.disable_progress_bar()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     lm = await asyncio.to_thread(load, settings.model_path, settings.device, settings.dtype)
