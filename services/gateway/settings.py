@@ -17,4 +17,3 @@ class GatewaySettings(JwtSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     # The whole request, queueing included.
     request_timeout_s: float = Field(300.0, gt=0)
-    max_tokens_limit: int = Field(4096, ge=1)

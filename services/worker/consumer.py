@@ -65,7 +65,7 @@ class Consumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), K.WORKER_HEARTBEAT_S)
 
-    async def _read(self, start: str) -> list[tuple[str, dict[str, str]]]:
+    async def _read(self, start: str) -> list[tuple[str, dict[str, str] | None]]:
         reply = await self.redis.xreadgroup(
             K.WORKER_GROUP,
             self.settings.worker_id,
@@ -81,13 +81,15 @@ class Consumer:
             log.info("resuming %d unacknowledged requests", len(entries))
             await self._serve(entries)
 
-    async def _serve(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def _serve(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
         requests: list[GenerationRequest] = []
-        for _entry_id, fields in entries:
+        for entry_id, fields in entries:
+            if not fields:  # the gateway already gave up on it and deleted it
+                continue
             try:
                 requests.append(GenerationRequest.load(fields))
             except (ValidationError, KeyError):
-                log.error("dropping malformed queue entry %s", _entry_id)
+                log.error("dropping malformed queue entry %s", entry_id)
         try:
             await self._serve_batch(requests)
         finally:

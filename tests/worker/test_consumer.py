@@ -106,3 +106,26 @@ async def test_cancel_mark_stops_generation_early(worker, aredis):
     records = await _results(aredis, req)
     assert records[-1].finish_reason == "cancelled"
     assert records[-1].completion_tokens < 500
+
+
+async def test_requests_taken_before_a_crash_are_served_on_restart(
+    tiny_lm, tiny_model_path, key_prefix, aredis, redis_url
+):
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w2"
+    )
+    stream = settings.keys.requests(settings.served_name)
+    await aredis.xgroup_create(stream, K.WORKER_GROUP, id="0", mkstream=True)
+    req = _request(settings, max_tokens=3, temperature=0.0)
+    await aredis.xadd(stream, req.dump())
+    # A previous life of worker w2 took the request and died before answering.
+    taken = await aredis.xreadgroup(K.WORKER_GROUP, "w2", {stream: ">"}, count=10)
+    assert len(taken[0][1]) == 1
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
+    try:
+        records = await _results(aredis, req)
+        assert records[-1].kind == "done" and records[-1].completion_tokens == 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
