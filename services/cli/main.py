@@ -31,6 +31,46 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys, straight in the deployment's Redis (the admin API does the same over HTTP)."""
+    import asyncio
+    import json
+
+    import redis.asyncio as aioredis
+
+    from bastion_gateway.apikeys import ApiKeyStore
+
+    settings = JwtSettings()
+
+    async def run() -> int:
+        redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+        store = ApiKeyStore(redis, settings.keys)
+        try:
+            if args.action == "create":
+                if args.role not in settings.policy().roles:
+                    print(f"bastion: there is no role {args.role!r}", file=sys.stderr)
+                    return 2
+                key, record = await store.create(
+                    name=args.name,
+                    tenant=args.tenant,
+                    role=args.role,
+                    models=tuple(args.model) if args.model else None,
+                    ttl_s=args.ttl,
+                )
+                print(json.dumps({"key": key, **record.public()}, indent=2))
+                print("Store the key now: it is not shown again.", file=sys.stderr)
+            elif args.action == "list":
+                for record in await store.list():
+                    print(json.dumps(record.public()))
+            else:
+                print(json.dumps((await store.revoke(args.key_id)).public()))
+        finally:
+            await redis.aclose()
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     if args.kind == "tiny":
         from bastion_worker.tiny_model import build
@@ -60,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bastion_auditor.settings import AuditorSettings
     from bastion_cli.stack import Stack
     from bastion_common import logs
-    from bastion_gateway.settings import GatewaySettings
+    from bastion_common.tls import ensure_local_tls
 
     settings = JwtSettings()
     log = logs.setup("launcher", settings.log_level)
@@ -76,15 +116,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    tls = ensure_local_tls(data_dir / "tls")
     with _redis(settings.redis_url.get_secret_value(), data_dir) as redis_url:
         env = {
             "BASTION_REDIS_URL": redis_url,
             "BASTION_DATA_DIR": str(data_dir),
             "BASTION_MODEL_PATH": str(Path(model_path).resolve()),
-            "BASTION_PORT": str(args.port or GatewaySettings().port),
+            "BASTION_PORT": str(args.port),
+            "BASTION_TLS_CERT_FILE": str(tls.cert),
+            "BASTION_TLS_KEY_FILE": str(tls.key),
             "BASTION_AUDITOR_PORT": str(args.auditor_port or AuditorSettings().auditor_port),
         }
-        stack = Stack(env)
+        stack = Stack(env, ca_file=tls.ca_cert)
         try:
             stack.start()
             stack.wait_ready(READY_TIMEOUT_S)
@@ -96,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 issuer=settings.jwt_issuer,
                 ttl_s=86400,
             )
-            _print_welcome(stack.gateway_url, Path(model_path).name, token)
+            _print_welcome(stack.gateway_url, Path(model_path).name, token, tls.ca_cert)
             while True:
                 stack.check_alive()
                 time.sleep(1.0)
@@ -110,13 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_welcome(url: str, model: str, token: str) -> None:
+def _print_welcome(url: str, model: str, token: str, ca_file: Path) -> None:
     print(
         f"""
-Bastion is up at {url}   (model: {model})
+Bastion is up at {url}   (model: {model}, TLS 1.3, local CA {ca_file})
 
 Try it:
-  curl -s {url}/v1/chat/completions \\
+  curl -s --cacert {ca_file} {url}/v1/chat/completions \\
     -H "Authorization: Bearer {token}" \\
     -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "max_tokens": 32,
@@ -140,11 +183,23 @@ def parser() -> argparse.ArgumentParser:
     token.set_defaults(func=cmd_token)
     run = sub.add_parser("run", help="start the whole platform on this machine")
     run.add_argument("--model-path", type=Path, default=None, help="a HF model folder")
-    run.add_argument("--port", type=int, default=None, help="gateway port (BASTION_PORT, 8080)")
+    run.add_argument("--port", type=int, default=8443, help="gateway HTTPS port (8443)")
     run.add_argument(
         "--auditor-port", type=int, default=None, help="audit API port (BASTION_AUDITOR_PORT, 8090)"
     )
     run.set_defaults(func=cmd_run)
+    keys = sub.add_parser("keys", help="create, list and revoke API keys")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create", help="create a key (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tenant", default="default")
+    create.add_argument("--role", default="user")
+    create.add_argument("--model", action="append", help="allowed model (repeatable; default all)")
+    create.add_argument("--ttl", type=float, default=None, help="lifetime in seconds")
+    keys_sub.add_parser("list", help="list keys (never the secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
     model = sub.add_parser("model", help="build the tiny test model or convert the demo model")
     model.add_argument("kind", choices=["tiny", "demo"])
     model.add_argument("path", help="tiny: the model folder; demo: the models folder")

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -73,12 +74,16 @@ class Stack:
 
     env: dict[str, str]
     log_dir: Path | None = None
+    # The CA that signed the gateway's certificate, when it serves TLS.
+    ca_file: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.env.get('BASTION_HOST', '127.0.0.1')}:{self.env['BASTION_PORT']}"
+        scheme = "https" if self.env.get("BASTION_TLS_CERT_FILE") else "http"
+        host = self.env.get("BASTION_HOST", "127.0.0.1")
+        return f"{scheme}://{host}:{self.env['BASTION_PORT']}"
 
     @property
     def auditor_url(self) -> str:
@@ -108,10 +113,12 @@ class Stack:
         """Poll the gateway's /readyz until it says ready, or raise."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                with urllib.request.urlopen(f"{self.gateway_url}/readyz", timeout=2) as reply:
+                url = f"{self.gateway_url}/readyz"
+                with urllib.request.urlopen(url, timeout=2, context=context) as reply:
                     if reply.status == 200:
                         return
             except urllib.error.HTTPError as exc:

@@ -91,12 +91,20 @@ class RateLimitError(BastionError):
     type = "rate_limit_error"
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int = 1,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+        self.extra_headers = headers or {}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        return {"Retry-After": str(self.retry_after_s), **self.extra_headers}
 
 
 class ServiceUnavailableError(BastionError):

@@ -53,6 +53,14 @@ class Keys:
         """Audit entries the auditor could not parse, kept for inspection."""
         return f"{self.prefix}:audit:dead"
 
+    def api_key(self, key_id: str) -> str:
+        """An API key's record (hash, tenant, role, limits); never the key itself."""
+        return f"{self.prefix}:apikey:{key_id}"
+
+    def limit(self, scope: str, name: str) -> str:
+        """Rate-limit state of one scope (principal or tenant) and one limit."""
+        return f"{self.prefix}:limit:{scope}:{name}"
+
     def model_of_worker_key(self, key: str) -> str:
         """The model name inside a key made by :meth:`worker`."""
         head = f"{self.prefix}:worker:"

@@ -11,7 +11,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bastion_common.jwtauth import ClaimNames, JwtVerifier, KeyFile, KeyRing
 from bastion_common.keys import Keys
+from bastion_common.policy import Policy
 
 
 class CommonSettings(BaseSettings):
@@ -30,8 +32,24 @@ class CommonSettings(BaseSettings):
 class JwtSettings(CommonSettings):
     """For services that check or mint bearer tokens."""
 
+    # The local HS256 secret (kid "local"); generated under data_dir when unset.
     jwt_secret: SecretStr | None = None
+    # Accept tokens signed with the local secret (those `bastion token` mints).
+    jwt_local_key: bool = True
+    # Verification keys in files, e.g. [{"kid": "idp-1", "alg": "RS256", "path": "idp.pem"}].
+    jwt_key_files: tuple[KeyFile, ...] = ()
+    # A JWKS document: a file path or an http(s) URL, cached for jwks_cache_s.
+    jwt_jwks: str | None = None
+    jwks_cache_s: float = Field(300.0, gt=0)
+    # Checked when set (an empty value turns the issuer check off).
     jwt_issuer: str = "bastion"
+    jwt_audience: str | None = None
+    jwt_leeway_s: float = Field(5.0, ge=0, le=300)
+    jwt_role_claim: str = "role"
+    jwt_tenant_claim: str = "tenant"
+    jwt_default_tenant: str = "default"
+    # The access policy (TOML); Bastion's default when unset.
+    policy_file: Path | None = None
 
     def jwt_key(self) -> str:
         """The HS256 key: from the setting, or the one generated under data_dir."""
@@ -40,3 +58,22 @@ class JwtSettings(CommonSettings):
         from bastion_common.tokens import load_or_create_key
 
         return load_or_create_key(self.data_dir / "keys" / "jwt-hs256.key")
+
+    def verifier(self) -> JwtVerifier:
+        keys = KeyRing(
+            local_secret=self.jwt_key() if self.jwt_local_key else None,
+            files=self.jwt_key_files,
+            jwks=self.jwt_jwks,
+            jwks_cache_s=self.jwks_cache_s,
+        )
+        claims = ClaimNames(self.jwt_role_claim, self.jwt_tenant_claim, self.jwt_default_tenant)
+        return JwtVerifier(
+            keys,
+            issuer=self.jwt_issuer or None,
+            audience=self.jwt_audience,
+            leeway_s=self.jwt_leeway_s,
+            claims=claims,
+        )
+
+    def policy(self) -> Policy:
+        return Policy.load(self.policy_file)

@@ -1,7 +1,7 @@
-"""HS256 bearer tokens: the local deployment's signing key, minting and checking.
+"""The principal, and the local deployment's HS256 signing key and token minting.
 
-A fuller scheme (RS256/ES256, JWKS, API keys) is the gateway-security issue's;
-everything that needs a principal goes through :func:`verify`, so it slots in here.
+Checking tokens (any issuer, any of the accepted algorithms) is
+:mod:`bastion_common.jwtauth`'s.
 """
 
 from __future__ import annotations
@@ -14,17 +14,21 @@ from pathlib import Path
 
 import jwt
 
-from bastion_common.errors import AuthenticationError
-
 ALGORITHM = "HS256"
-LEEWAY_S = 5
+# The key id of the local deployment's HS256 secret, as minted by `bastion token`.
+LOCAL_KID = "local"
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is asking. API keys may narrow what their role allows."""
+
     subject: str
     role: str
     tenant: str
+    models: tuple[str, ...] | None = None
+    permissions: frozenset[str] | None = None
+    key_id: str | None = None
 
 
 def load_or_create_key(path: Path) -> str:
@@ -55,27 +59,4 @@ def mint(key: str, *, subject: str, role: str, tenant: str, issuer: str, ttl_s: 
         "iat": now,
         "exp": now + ttl_s,
     }
-    return jwt.encode(claims, key, algorithm=ALGORITHM)
-
-
-def verify(token: str, key: str, *, issuer: str) -> Principal:
-    """Check the token and return who it names; any flaw is an AuthenticationError."""
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            issuer=issuer,
-            leeway=LEEWAY_S,
-            options={"require": ["exp", "sub", "iss"]},
-        )
-    except jwt.ExpiredSignatureError as exc:
-        raise AuthenticationError("The bearer token has expired.", code="token_expired") from exc
-    except jwt.InvalidTokenError as exc:
-        raise AuthenticationError("The bearer token is invalid.", code="invalid_token") from exc
-    subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject:
-        raise AuthenticationError("The bearer token names no subject.", code="invalid_token")
-    role = claims.get("role", "user")
-    tenant = claims.get("tenant", "default")
-    return Principal(subject=subject, role=str(role), tenant=str(tenant))
+    return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": LOCAL_KID})

@@ -1,9 +1,11 @@
-"""HTTP handlers: parse, hand to the inference service, render."""
+"""HTTP handlers: parse, hand to a service object, render. Authentication and
+the route's permission are checked before any of these run (middleware)."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -12,43 +14,48 @@ from bastion_common.errors import BastionError
 from bastion_gateway import keys
 from bastion_gateway.render import Renderer, sse
 from bastion_gateway.schemas import Job, chat_job, completion_job, generate_job, parse_json
-from bastion_gateway.service import Delta, Finish
+from bastion_gateway.service import Admitted, Delta, Finish
 
 routes = web.RouteTableDef()
+Events = AsyncGenerator[Admitted | Delta | Finish, None]
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
     return parse_json(await request.read())
 
 
-@routes.post("/v1/chat/completions")
+@routes.post("/v1/chat/completions", name="chat")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat_job(await _body(request)))
 
 
-@routes.post("/v1/completions")
+@routes.post("/v1/completions", name="completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, completion_job(await _body(request)))
 
 
-@routes.post("/generate")
+@routes.post("/generate", name="generate")
 async def generate(request: web.Request) -> web.StreamResponse:
     return await _serve(request, generate_job(await _body(request)))
 
 
-@routes.get("/v1/models")
+@routes.get("/v1/models", name="models")
 async def list_models(request: web.Request) -> web.Response:
-    names = await request.app[keys.SERVICE].models()
+    principal = keys.principal(request)
+    policy = request.app[keys.POLICY]
+    names = [
+        n for n in await request.app[keys.SERVICE].models() if policy.allows_model(principal, n)
+    ]
     data = [{"id": n, "object": "model", "created": 0, "owned_by": "bastion"} for n in names]
     return web.json_response({"object": "list", "data": data})
 
 
-@routes.get("/healthz")
+@routes.get("/healthz", name="healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-@routes.get("/readyz")
+@routes.get("/readyz", name="readyz")
 async def readyz(request: web.Request) -> web.Response:
     checks = {"redis": False, "guard": False, "worker": False}
     with contextlib.suppress(Exception):
@@ -63,34 +70,36 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _serve(request: web.Request, job: Job) -> web.StreamResponse:
-    service = request.app[keys.SERVICE]
-    principal = keys.principal(request)
     request_id = uuid.uuid4().hex
-    events = service.run(job, principal, request_id)
+    events = request.app[keys.SERVICE].run(job, keys.principal(request), request_id)
     renderer = Renderer(job, job.model or "", request_id)
     async with contextlib.aclosing(events):
+        admitted = await anext(events)
+        assert isinstance(admitted, Admitted)
+        headers = {"x-request-id": request_id, **admitted.headers}
         if job.stream:
-            return await _stream(request, events, renderer)
+            return await _stream(request, events, renderer, headers)
         parts: list[str] = []
         async for event in events:
             if isinstance(event, Delta):
                 parts.append(event.text)
-            else:
-                return web.json_response(renderer.whole("".join(parts), event))
+            elif isinstance(event, Finish):
+                return web.json_response(renderer.whole("".join(parts), event), headers=headers)
     raise AssertionError("the inference service ended without a Finish")
 
 
-async def _stream(request: web.Request, events: Any, renderer: Renderer) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, events: Events, renderer: Renderer, headers: dict[str, str]
+) -> web.StreamResponse:
     """SSE. Errors before the first event are ordinary HTTP errors; after it, one
     error event ends the stream. Otherwise it ends with the finish chunk and [DONE]."""
-    first = await anext(events)
+    event = await anext(events)
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
     )
     await response.prepare(request)
     if renderer.job.endpoint == "chat":
         await response.write(renderer.chunk(first=True))
-    event = first
     try:
         while True:
             if isinstance(event, Finish):
@@ -99,7 +108,8 @@ async def _stream(request: web.Request, events: Any, renderer: Renderer) -> web.
                     await response.write(renderer.usage_chunk(event))
                 await response.write(sse("[DONE]"))
                 break
-            await response.write(renderer.chunk(event.text))
+            if isinstance(event, Delta):
+                await response.write(renderer.chunk(event.text))
             event = await anext(events)
     except BastionError as exc:
         await response.write(sse(exc.body()))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from bastion_common.jwtauth import JwtVerifier
+from bastion_common.policy import Policy
 from bastion_common.tokens import Principal
+from bastion_gateway.apikeys import ApiKeyStore
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
 from bastion_gateway.service import InferenceService
@@ -14,7 +17,9 @@ SETTINGS = web.AppKey("settings", GatewaySettings)
 BROKER = web.AppKey("broker", Broker)
 GUARD = web.AppKey("guard", GuardClient)
 SERVICE = web.AppKey("service", InferenceService)
-JWT_KEY = web.AppKey("jwt_key", str)
+VERIFIER = web.AppKey("verifier", JwtVerifier)
+POLICY = web.AppKey("policy", Policy)
+API_KEYS = web.AppKey("api_keys", ApiKeyStore)
 PRINCIPAL = "bastion.principal"
 
 

@@ -1,4 +1,4 @@
-"""Errors in OpenAI's shape, and bearer-token authentication."""
+"""Errors in OpenAI's shape, authentication and route permissions, security headers."""
 
 from __future__ import annotations
 
@@ -15,12 +15,30 @@ from bastion_common.errors import (
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
 )
-from bastion_common.tokens import verify
 from bastion_gateway import keys
+from bastion_gateway.apikeys import looks_like_api_key
 
 log = logging.getLogger(__name__)
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_ROUTES = frozenset({"healthz", "readyz"})
+# Every authenticated route's permission; a route missing here is refused.
+ROUTE_PERMISSIONS = {
+    "chat": "chat",
+    "completions": "completions",
+    "generate": "generate",
+    "models": "models:list",
+    "keys_create": "keys:admin",
+    "keys_list": "keys:admin",
+    "keys_revoke": "keys:admin",
+}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
 
 
 def error_response(exc: BastionError) -> web.Response:
@@ -53,20 +71,35 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(InternalError("The server had an error processing your request."))
 
 
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs for every response, streamed ones included."""
+    response.headers.update(SECURITY_HEADERS)
+    if request.app[keys.SETTINGS].tls_enabled:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    route = request.match_info.route.name
+    if route in PUBLIC_ROUTES:
         return await handler(request)
+    if request.match_info.http_exception is not None:
+        raise request.match_info.http_exception  # 404/405 before asking for credentials
     if "access_token" in request.query or "api_key" in request.query:
         raise AuthenticationError("Credentials are not accepted in the query string.")
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(
             "Missing bearer token: send 'Authorization: Bearer <token>'.", code="missing_api_key"
         )
-    settings = request.app[keys.SETTINGS]
-    request[keys.PRINCIPAL] = verify(
-        token.strip(), request.app[keys.JWT_KEY], issuer=settings.jwt_issuer
-    )
+    if looks_like_api_key(token):
+        principal = await request.app[keys.API_KEYS].verify(token)
+    else:
+        principal = await request.app[keys.VERIFIER].verify(token)
+    permission = ROUTE_PERMISSIONS.get(route or "")
+    if permission is None:
+        raise PermissionDeniedError("This route is not available.", code="missing_permission")
+    request.app[keys.POLICY].require(principal, permission)
+    request[keys.PRINCIPAL] = principal
     return await handler(request)

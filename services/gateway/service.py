@@ -8,16 +8,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bastion_common.errors import (
     BastionError,
     ContentBlockedError,
+    InvalidRequestError,
     NotFoundError,
     ServiceUnavailableError,
     from_name,
 )
-from bastion_common.hashing import input_hash
+from bastion_common.hashing import canonical_input, input_hash
 from bastion_common.messages import (
     AuditEvent,
     ChatMessage,
@@ -26,13 +27,20 @@ from bastion_common.messages import (
     Status,
 )
 from bastion_common.pb import guard_pb2
+from bastion_common.policy import Policy
 from bastion_common.tokens import Principal
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
+from bastion_gateway.limits import Admission, RateLimiter, estimate_tokens
 from bastion_gateway.schemas import Job
 from bastion_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    headers: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +69,19 @@ class Outcome:
 
 
 class InferenceService:
-    def __init__(self, settings: GatewaySettings, broker: Broker, guard: GuardClient) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        guard: GuardClient,
+        policy: Policy,
+        limiter: RateLimiter,
+    ) -> None:
         self.settings = settings
         self.broker = broker
         self.guard = guard
+        self.policy = policy
+        self.limiter = limiter
 
     async def resolve_model(self, name: str | None) -> str:
         live = await self.broker.live_models()
@@ -87,15 +104,21 @@ class InferenceService:
 
     async def run(
         self, job: Job, principal: Principal, request_id: str
-    ) -> AsyncGenerator[Delta | Finish, None]:
-        """Yield the response's text pieces, then one Finish; raise a BastionError on failure."""
+    ) -> AsyncGenerator[Admitted | Delta | Finish, None]:
+        """Yield Admitted (with the rate-limit headers), the response's text pieces,
+        then one Finish; raise a BastionError on failure."""
         started = time.time()
         outcome = Outcome()
         model = job.model or "-"
         try:
             model = await self.resolve_model(job.model)
-            async for event in self._run(request_id, model, job, principal, outcome):
-                yield event
+            job, admission = await self._admit(request_id, model, job, principal)
+            try:
+                yield Admitted(admission.headers)
+                async for event in self._run(request_id, model, job, principal, outcome):
+                    yield event
+            finally:
+                await asyncio.shield(self._release(principal, admission, outcome))
         except BastionError as exc:
             outcome.error_code = exc.code or exc.type
             if isinstance(exc, ContentBlockedError):
@@ -108,6 +131,41 @@ class InferenceService:
             raise
         finally:
             await self._audit(request_id, model, job, principal, started, outcome)
+
+    async def _admit(
+        self, request_id: str, model: str, job: Job, principal: Principal
+    ) -> tuple[Job, Admission]:
+        """Authorise the model, cap max_tokens by role, reserve tokens against the limits."""
+        self.policy.require_model(principal, model)
+        ceiling = self.policy.max_tokens(principal)
+        wanted = job.params.max_tokens
+        if wanted is not None and wanted > ceiling:
+            raise InvalidRequestError(
+                f"max_tokens may be at most {ceiling} for this credential.",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
+        prompt_tokens = estimate_tokens(len(canonical_input(job.prompt, job.messages).encode()))
+        if prompt_tokens > self.settings.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"The prompt is too long: about {prompt_tokens} tokens, at most "
+                f"{self.settings.max_prompt_tokens} are accepted.",
+                code="prompt_too_long",
+            )
+        max_tokens = wanted or min(self.settings.default_max_tokens, ceiling)
+        job = replace(job, params=job.params.model_copy(update={"max_tokens": max_tokens}))
+        admission = await self.limiter.admit(principal, request_id, prompt_tokens + max_tokens)
+        return job, admission
+
+    async def _release(self, principal: Principal, admission: Admission, outcome: Outcome) -> None:
+        if outcome.status == "ok":
+            used = outcome.prompt_tokens + outcome.completion_tokens
+        else:  # the worker's count never came; charge what was likely spent
+            used = admission.reserved if outcome.output_length else 0
+        try:
+            await self.limiter.release(principal, admission, used)
+        except Exception:
+            log.exception("releasing the rate-limit reservation of %s failed", admission.request_id)
 
     async def _run(
         self, request_id: str, model: str, job: Job, principal: Principal, outcome: Outcome

@@ -54,6 +54,7 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_MAX_BODY_BYTES": str(MAX_BODY),
         "BASTION_REQUEST_TIMEOUT_S": "60",
         "BASTION_TORCH_THREADS": "1",
+        "BASTION_INSECURE_HTTP": "true",
     }
     stack = Stack(env, log_dir=data_dir / "logs")
     stack.start()

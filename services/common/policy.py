@@ -1,0 +1,123 @@
+"""Who may do what: the declarative policy, evaluated here and nowhere else.
+
+Roles grant permissions and a model allow-list; tenants narrow the models; an
+API key may narrow them further. A refusal names the missing permission (or
+the model), never the policy's internals.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bastion_common.errors import PermissionDeniedError
+from bastion_common.tokens import Principal
+
+PERMISSIONS = frozenset(
+    {"chat", "completions", "generate", "models:list", "audit:read", "keys:admin", "metrics:read"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """0 means unlimited."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    concurrent_requests: int = 0
+    daily_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    permissions: frozenset[str]
+    models: tuple[str, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    roles: dict[str, Role]
+    tenant_models: dict[str, tuple[str, ...]]
+    principal_limits: Limits = field(default_factory=Limits)
+    tenant_limits: Limits = field(default_factory=Limits)
+    # Per-tenant overrides: tenant -> (limits per principal, limits of the tenant).
+    tenant_overrides: dict[str, tuple[Limits, Limits]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Policy:
+        """The policy at ``path``, or the default shipped with Bastion."""
+        if path is None:
+            text = resources.files("bastion_common").joinpath("data/policy.toml").read_text()
+        else:
+            text = path.read_text()
+        return cls.parse(tomllib.loads(text))
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> Policy:
+        roles = {}
+        for name, spec in doc.get("roles", {}).items():
+            unknown = set(spec.get("permissions", [])) - PERMISSIONS
+            if unknown:
+                raise ValueError(f"role {name!r} names unknown permissions {sorted(unknown)}")
+            roles[name] = Role(
+                frozenset(spec.get("permissions", [])),
+                tuple(spec.get("models", [])),
+                int(spec.get("max_tokens", 0)),
+            )
+        tenants = {n: tuple(s.get("models", [])) for n, s in doc.get("tenants", {}).items()}
+        limits = doc.get("limits", {})
+        principal, tenant = (
+            Limits(**limits.get("principal", {})),
+            Limits(**limits.get("tenant", {})),
+        )
+        overrides = {
+            name: (
+                Limits(**{**asdict(principal), **spec["limits"].get("principal", {})}),
+                Limits(**{**asdict(tenant), **spec["limits"].get("tenant", {})}),
+            )
+            for name, spec in doc.get("tenants", {}).items()
+            if "limits" in spec
+        }
+        return cls(roles, tenants, principal, tenant, overrides)
+
+    def limits(self, principal: Principal) -> tuple[Limits, Limits]:
+        """(limits per principal, limits of the whole tenant) for this principal."""
+        default = (self.principal_limits, self.tenant_limits)
+        return self.tenant_overrides.get(principal.tenant, default)
+
+    def role(self, principal: Principal) -> Role:
+        return self.roles.get(principal.role) or Role(frozenset(), (), 0)
+
+    def require(self, principal: Principal, permission: str) -> None:
+        if permission not in self.role(principal).permissions:
+            raise PermissionDeniedError(
+                f"This credential lacks the permission '{permission}'.",
+                code="missing_permission",
+            )
+        if principal.permissions is not None and permission not in principal.permissions:
+            raise PermissionDeniedError(
+                f"This API key lacks the permission '{permission}'.", code="missing_permission"
+            )
+
+    def allows_model(self, principal: Principal, model: str) -> bool:
+        tenant = self.tenant_models.get(principal.tenant, self.tenant_models.get("*", ("*",)))
+        lists = [self.role(principal).models, tenant]
+        if principal.models is not None:
+            lists.append(principal.models)
+        return all(any(fnmatch.fnmatchcase(model, p) for p in allowed) for allowed in lists)
+
+    def require_model(self, principal: Principal, model: str) -> None:
+        if not self.allows_model(principal, model):
+            raise PermissionDeniedError(
+                f"This credential may not use the model '{model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+
+    def max_tokens(self, principal: Principal) -> int:
+        return self.role(principal).max_tokens
