@@ -13,6 +13,7 @@ from bastion_auditor.consumer import AuditConsumer
 from bastion_auditor.settings import AuditorSettings
 from bastion_auditor.store import AuditStore
 from bastion_common import logs
+from bastion_common.settings import load
 
 
 async def serve(settings: AuditorSettings) -> None:
@@ -38,7 +39,7 @@ async def serve(settings: AuditorSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(AuditorSettings()))
+    asyncio.run(serve(load(AuditorSettings)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             tenant=args.tenant,
             issuer=settings.jwt_issuer,
             ttl_s=args.ttl,
+            audience=settings.jwt_audience,
         )
     )
     return 0
@@ -138,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 tenant="default",
                 issuer=settings.jwt_issuer,
                 ttl_s=86400,
+                audience=settings.jwt_audience,
             )
             _print_welcome(stack.gateway_url, Path(model_path).name, token, tls.ca_cert)
             while True:

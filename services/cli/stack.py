@@ -94,7 +94,10 @@ class Stack:
         for name in SERVICES:
             self.start_one(name, (extra or {}).get(name, {}))
 
-    def start_one(self, name: str, extra: Mapping[str, str] | None = None) -> None:
+    def start_one(
+        self, name: str, extra: Mapping[str, str] | None = None, module: str | None = None
+    ) -> None:
+        """Start service ``module`` (default: ``name``) under ``name``."""
         env = {**os.environ, **self.env, **(extra or {})}
         out: IO[bytes] | None = None
         if self.log_dir is not None:
@@ -102,27 +105,28 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")
             self._logs.append(out)
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"bastion_{name}"],
+            [sys.executable, "-m", f"bastion_{module or name}"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only the launcher
         )
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Poll the gateway's /readyz until it says ready, or raise."""
+    def wait_ready(self, timeout_s: float, base_url: str | None = None) -> None:
+        """Poll a gateway's /readyz (by default the stack's) until it says ready, or raise."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                url = f"{self.gateway_url}/readyz"
+                url = f"{base_url or self.gateway_url}/readyz"
                 with urllib.request.urlopen(url, timeout=2, context=context) as reply:
                     if reply.status == 200:
                         return
             except urllib.error.HTTPError as exc:
-                last = exc.read().decode(errors="replace")
+                with exc:  # an unclosed error response leaks its socket
+                    last = exc.read().decode(errors="replace")
             except OSError as exc:
                 last = str(exc)
             time.sleep(0.2)

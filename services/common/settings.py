@@ -6,9 +6,11 @@ point, and passed down from there.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bastion_common.jwtauth import ClaimNames, JwtVerifier, KeyFile, KeyRing
@@ -77,3 +79,18 @@ class JwtSettings(CommonSettings):
 
     def policy(self) -> Policy:
         return Policy.load(self.policy_file)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S]) -> S:
+    """Read settings from the environment; on a bad value, say which and exit 2."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "_".join(str(p) for p in error["loc"]).upper()
+            what = f"setting BASTION_{where}" if where else "settings"
+            print(f"bastion: invalid {what}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -49,9 +49,18 @@ def load_or_create_key(path: Path) -> str:
     return key
 
 
-def mint(key: str, *, subject: str, role: str, tenant: str, issuer: str, ttl_s: int = 3600) -> str:
+def mint(
+    key: str,
+    *,
+    subject: str,
+    role: str,
+    tenant: str,
+    issuer: str,
+    ttl_s: int = 3600,
+    audience: str | None = None,
+) -> str:
     now = int(time.time())
-    claims = {
+    claims: dict[str, object] = {
         "sub": subject,
         "role": role,
         "tenant": tenant,
@@ -59,4 +68,6 @@ def mint(key: str, *, subject: str, role: str, tenant: str, issuer: str, ttl_s: 
         "iat": now,
         "exp": now + ttl_s,
     }
+    if audience:
+        claims["aud"] = audience
     return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": LOCAL_KID})

@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 from bastion_common import logs
+from bastion_common.settings import load
 from bastion_guard.server import start
 from bastion_guard.settings import GuardSettings
 
@@ -26,7 +27,7 @@ async def serve(settings: GuardSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(GuardSettings()))
+    asyncio.run(serve(load(GuardSettings)))
 
 
 if __name__ == "__main__":

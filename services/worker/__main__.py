@@ -10,6 +10,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from bastion_common import logs
+from bastion_common.settings import load as load_settings
 from bastion_worker.consumer import Consumer
 from bastion_worker.engine import Engine
 from bastion_worker.loader import load
@@ -36,7 +37,7 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(WorkerSettings()))  # type: ignore[call-arg]
+    asyncio.run(serve(load_settings(WorkerSettings)))
 
 
 if __name__ == "__main__":

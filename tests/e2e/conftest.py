@@ -3,11 +3,14 @@ embedded ClickHouse engine, the tiny model."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
 import redis
 
@@ -15,8 +18,85 @@ from bastion_cli.stack import Stack, free_port
 from bastion_common.tokens import mint
 
 SECRET = "e2e-" + "x" * 44
+AUDIENCE = "bastion-e2e"
 OFFLINE_MODEL = "offline-model"
 MAX_BODY = 64 * 1024
+LIMITED_RPM = 20
+POLICY = f"""
+[roles.admin]
+permissions = ["chat", "completions", "generate", "models:list", "audit:read", "keys:admin"]
+models = ["*"]
+max_tokens = 4096
+
+[roles.user]
+permissions = ["chat", "completions", "generate", "models:list"]
+models = ["*"]
+max_tokens = 512
+
+[roles.auditor]
+permissions = ["audit:read"]
+models = []
+
+[tenants."*"]
+models = ["*"]
+
+[tenants.other]
+models = ["other-*"]
+
+[tenants.limited]
+models = ["*"]
+[tenants.limited.limits.principal]
+requests_per_minute = {LIMITED_RPM}
+
+[limits.principal]
+requests_per_minute = 100000
+tokens_per_minute = 100000000
+concurrent_requests = 64
+daily_tokens = 1000000000
+"""
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """Keys of outside issuers the platform trusts: two key files and a JWKS."""
+
+    rsa: Any
+    ec: Any
+    jwks_rsa: Any
+    rsa_public_pem: bytes
+
+
+def _signing_keys(directory: Path) -> tuple[SigningKeys, dict[str, str]]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    jwks_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def public_pem(key: Any) -> bytes:
+        return key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    (directory / "idp-rsa.pem").write_bytes(public_pem(rsa_key))
+    (directory / "idp-ec.pem").write_bytes(public_pem(ec_key))
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(jwks_key.public_key()))
+    (directory / "jwks.json").write_text(
+        json.dumps({"keys": [{**jwk, "kid": "jwks-1", "alg": "RS256"}]})
+    )
+    (directory / "policy.toml").write_text(POLICY)
+    files = [
+        {"kid": "idp-rsa", "alg": "RS256", "path": str(directory / "idp-rsa.pem")},
+        {"kid": "idp-ec", "alg": "ES256", "path": str(directory / "idp-ec.pem")},
+    ]
+    env = {
+        "BASTION_JWT_KEY_FILES": json.dumps(files),
+        "BASTION_JWT_JWKS": str(directory / "jwks.json"),
+        "BASTION_JWT_AUDIENCE": AUDIENCE,
+        "BASTION_POLICY_FILE": str(directory / "policy.toml"),
+    }
+    return SigningKeys(rsa_key, ec_key, jwks_key, public_pem(rsa_key)), env
 
 
 @dataclass
@@ -26,18 +106,30 @@ class Platform:
     prefix: str
     data_dir: Path
     redis_url: str
+    signing: SigningKeys
 
     @property
     def url(self) -> str:
         return self.stack.gateway_url
 
-    def token(self, role: str = "user", subject: str = "e2e-user", ttl_s: int = 600) -> str:
-        return mint(SECRET, subject=subject, role=role, tenant="e2e", issuer="bastion", ttl_s=ttl_s)
+    def token(
+        self, role: str = "user", subject: str = "e2e-user", ttl_s: int = 600, tenant: str = "e2e"
+    ) -> str:
+        return mint(
+            SECRET,
+            subject=subject,
+            role=role,
+            tenant=tenant,
+            issuer="bastion",
+            ttl_s=ttl_s,
+            audience=AUDIENCE,
+        )
 
 
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]:
     data_dir = tmp_path_factory.mktemp("bastion-data")
+    signing, auth_env = _signing_keys(tmp_path_factory.mktemp("auth"))
     prefix = f"e2e-{uuid.uuid4().hex[:10]}"
     guard_port = free_port()
     env = {
@@ -55,15 +147,27 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_REQUEST_TIMEOUT_S": "60",
         "BASTION_TORCH_THREADS": "1",
         "BASTION_INSECURE_HTTP": "true",
+        **auth_env,
     }
     stack = Stack(env, log_dir=data_dir / "logs")
     stack.start()
     try:
         stack.wait_ready(120)
-        yield Platform(stack, tiny_model_path.name, prefix, data_dir, redis_url)
+        yield Platform(stack, tiny_model_path.name, prefix, data_dir, redis_url, signing)
     finally:
         stack.stop()
         client = redis.Redis.from_url(redis_url)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
         client.close()
+
+
+@pytest.fixture(scope="session")
+def second_gateway(platform: Platform) -> Iterator[str]:
+    """Another gateway replica on the same Redis, guard and workers."""
+    port = free_port()
+    platform.stack.start_one("gateway-2", {"BASTION_PORT": str(port)}, module="gateway")
+    url = f"http://127.0.0.1:{port}"
+    platform.stack.wait_ready(60, base_url=url)
+    yield url
+    platform.stack.stop_one("gateway-2")

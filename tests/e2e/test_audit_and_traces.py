@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import aiohttp
 import openai
@@ -36,8 +37,11 @@ def markers() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client(platform: Platform) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{platform.url}/v1", api_key=platform.token(), max_retries=0)
+def client(platform: Platform) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{platform.url}/v1", api_key=platform.token(), max_retries=0
+    ) as client:
+        yield client
 
 
 async def _audit_rows(platform: Platform, role: str = "auditor", **filters):

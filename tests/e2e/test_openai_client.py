@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import aiohttp
 import openai
@@ -13,8 +14,11 @@ from tests.e2e.conftest import Platform
 
 
 @pytest.fixture(scope="module")
-def client(platform: Platform) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{platform.url}/v1", api_key=platform.token(), max_retries=0)
+def client(platform: Platform) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{platform.url}/v1", api_key=platform.token(), max_retries=0
+    ) as client:
+        yield client
 
 
 def test_model_list(client, platform):
