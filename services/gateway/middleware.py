@@ -74,6 +74,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: runs for every response, streamed ones included."""
     response.headers.update(SECURITY_HEADERS)
+    response.headers["Server"] = "bastion"  # not the framework and its version
     if request.app[keys.SETTINGS].tls_enabled:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
 
