@@ -79,6 +79,7 @@ class KeyRing:
         files: tuple[KeyFile, ...] = (),
         jwks: str | None = None,
         jwks_cache_s: float = 300.0,
+        jwks_refetch_min_s: float = JWKS_REFETCH_MIN_S,
     ) -> None:
         self._static: dict[str, BoundKey] = {}
         if local_secret is not None:
@@ -87,6 +88,7 @@ class KeyRing:
             self._static[spec.kid] = _bind_file(spec)
         self._jwks_source = jwks
         self._jwks_cache_s = jwks_cache_s
+        self._jwks_refetch_min_s = jwks_refetch_min_s
         self._jwks: dict[str, BoundKey] = {}
         self._jwks_at = -1e9
         self._lock = asyncio.Lock()
@@ -109,7 +111,7 @@ class KeyRing:
             # Without a kid, only an unambiguous key ring can say which key is meant.
             return next(iter(keys.values())) if len(keys) == 1 else None
         if kid not in keys and self._jwks_source:
-            if time.monotonic() - self._jwks_at > JWKS_REFETCH_MIN_S:  # rotated at the IdP?
+            if time.monotonic() - self._jwks_at > self._jwks_refetch_min_s:  # rotated?
                 await self._refresh()
                 keys = {**self._jwks, **self._static}
         return keys.get(kid)

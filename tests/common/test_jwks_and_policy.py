@@ -1,0 +1,128 @@
+"""JWKS over HTTP (a real server on loopback) with key rotation, and the policy."""
+
+import json
+import time
+
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from bastion_common.errors import AuthenticationError, PermissionDeniedError
+from bastion_common.jwtauth import JwtVerifier, KeyRing
+from bastion_common.policy import Policy
+from bastion_common.tokens import Principal
+
+
+def _jwk(key, kid):
+    return {
+        **json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())),
+        "kid": kid,
+        "alg": "RS256",
+    }
+
+
+@pytest.fixture
+async def jwks_server():
+    state = {"keys": [], "fetches": 0}
+
+    async def serve(request):
+        state["fetches"] += 1
+        return web.json_response({"keys": state["keys"]})
+
+    app = web.Application()
+    app.router.add_get("/jwks", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/jwks", state
+    await runner.cleanup()
+
+
+def _token(key, kid, **claims):
+    body = {"sub": "svc", "iss": "idp", "exp": int(time.time()) + 60, "role": "user", **claims}
+    return jwt.encode(body, key, algorithm="RS256", headers={"kid": kid})
+
+
+async def test_jwks_url_keys_rotate_by_kid(jwks_server):
+    url, state = jwks_server
+    old, new = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    state["keys"] = [_jwk(old, "2026-01")]
+    ring = KeyRing(jwks=url, jwks_cache_s=300, jwks_refetch_min_s=0)
+    verifier = JwtVerifier(ring, issuer="idp")
+    assert (await verifier.verify(_token(old, "2026-01"))).subject == "svc"
+    await verifier.verify(_token(old, "2026-01"))
+    assert state["fetches"] == 1  # cached
+    state["keys"] = [_jwk(new, "2026-02")]  # the IdP rotates
+    assert (await verifier.verify(_token(new, "2026-02"))).role == "user"
+    assert state["fetches"] == 2
+    with pytest.raises(AuthenticationError):
+        await verifier.verify(_token(old, "2026-02"))  # old key, new kid: bad signature
+
+
+async def test_claim_names_are_configurable_and_nested(jwks_server):
+    from bastion_common.jwtauth import ClaimNames
+
+    url, state = jwks_server
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    state["keys"] = [_jwk(key, "k")]
+    verifier = JwtVerifier(
+        KeyRing(jwks=url), issuer="idp", claims=ClaimNames("realm_access.roles", "org")
+    )
+    token = _token(key, "k", realm_access={"roles": ["auditor", "user"]}, org="hospital")
+    principal = await verifier.verify(token)
+    assert (principal.role, principal.tenant) == ("auditor", "hospital")
+
+
+POLICY = {
+    "roles": {
+        "user": {"permissions": ["chat"], "models": ["llama-*", "gemma-*"], "max_tokens": 100},
+        "auditor": {"permissions": ["audit:read"], "models": []},
+    },
+    "tenants": {"*": {"models": ["*"]}, "lab": {"models": ["gemma-*"]}},
+    "limits": {"principal": {"requests_per_minute": 10}},
+}
+
+
+def test_model_must_be_allowed_by_role_tenant_and_key():
+    policy = Policy.parse(POLICY)
+    user = Principal(subject="a", role="user", tenant="bank")
+    assert policy.allows_model(user, "llama-3") and not policy.allows_model(user, "mistral")
+    lab = Principal(subject="a", role="user", tenant="lab")
+    assert policy.allows_model(lab, "gemma-3") and not policy.allows_model(lab, "llama-3")
+    narrow = Principal(subject="k", role="user", tenant="bank", models=("llama-3",))
+    assert policy.allows_model(narrow, "llama-3") and not policy.allows_model(narrow, "llama-4")
+    with pytest.raises(PermissionDeniedError) as info:
+        policy.require_model(lab, "llama-3")
+    assert info.value.code == "model_not_allowed"
+
+
+def test_permissions_and_unknown_roles():
+    policy = Policy.parse(POLICY)
+    policy.require(Principal(subject="a", role="user", tenant="t"), "chat")
+    for principal, permission in [
+        (Principal(subject="a", role="auditor", tenant="t"), "chat"),
+        (Principal(subject="a", role="nobody", tenant="t"), "chat"),
+        (Principal(subject="a", role="user", tenant="t", permissions=frozenset()), "chat"),
+    ]:
+        with pytest.raises(PermissionDeniedError) as info:
+            policy.require(principal, permission)
+        assert "'chat'" in info.value.message
+
+
+def test_unknown_permission_in_policy_is_a_start_up_error():
+    with pytest.raises(ValueError, match="unknown permissions"):
+        Policy.parse({"roles": {"x": {"permissions": ["chat", "root"]}}})
+
+
+def test_default_policy_loads_and_tenant_overrides_merge():
+    assert {"admin", "user", "auditor"} <= set(Policy.load().roles)
+    doc = {
+        **POLICY,
+        "tenants": {"big": {"models": ["*"], "limits": {"principal": {"daily_tokens": 5}}}},
+    }
+    policy = Policy.parse(doc)
+    mine, _ = policy.limits(Principal(subject="a", role="user", tenant="big"))
+    assert (mine.requests_per_minute, mine.daily_tokens) == (10, 5)
