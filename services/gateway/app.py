@@ -13,6 +13,7 @@ from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
 from bastion_gateway.handlers import routes
 from bastion_gateway.limits import RateLimiter
+from bastion_gateway.metrics import GatewayMetrics
 from bastion_gateway.middleware import authenticate, errors, security_headers
 from bastion_gateway.service import InferenceService
 from bastion_gateway.settings import GatewaySettings
@@ -25,6 +26,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.SETTINGS] = settings
     app[keys.VERIFIER] = settings.verifier()
     app[keys.POLICY] = settings.policy()
+    app[keys.METRICS] = GatewayMetrics()
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(security_headers)
     app.add_routes(routes)
@@ -42,7 +44,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     app[keys.BROKER] = broker
     app[keys.GUARD] = guard
     app[keys.API_KEYS] = ApiKeyStore(redis, settings.keys)
-    app[keys.SERVICE] = InferenceService(settings, broker, guard, policy, limiter)
+    app[keys.SERVICE] = InferenceService(
+        settings, broker, guard, policy, limiter, app[keys.METRICS]
+    )
     yield
     await guard.close()
     await redis.aclose()

@@ -50,6 +50,12 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+@routes.get("/metrics", name="metrics")
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[keys.METRICS]
+    return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
+
+
 @routes.get("/healthz", name="healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})

@@ -10,6 +10,7 @@ from bastion_common.tokens import Principal
 from bastion_gateway.apikeys import ApiKeyStore
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
+from bastion_gateway.metrics import GatewayMetrics
 from bastion_gateway.service import InferenceService
 from bastion_gateway.settings import GatewaySettings
 
@@ -20,6 +21,7 @@ SERVICE = web.AppKey("service", InferenceService)
 VERIFIER = web.AppKey("verifier", JwtVerifier)
 POLICY = web.AppKey("policy", Policy)
 API_KEYS = web.AppKey("api_keys", ApiKeyStore)
+METRICS = web.AppKey("metrics", GatewayMetrics)
 PRINCIPAL = "bastion.principal"
 
 

@@ -28,6 +28,7 @@ ROUTE_PERMISSIONS = {
     "completions": "completions",
     "generate": "generate",
     "models": "models:list",
+    "metrics": "metrics:read",
     "keys_create": "keys:admin",
     "keys_list": "keys:admin",
     "keys_revoke": "keys:admin",

@@ -32,6 +32,7 @@ from bastion_common.tokens import Principal
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
 from bastion_gateway.limits import Admission, RateLimiter, estimate_tokens
+from bastion_gateway.metrics import GatewayMetrics
 from bastion_gateway.schemas import Job
 from bastion_gateway.settings import GatewaySettings
 
@@ -76,12 +77,14 @@ class InferenceService:
         guard: GuardClient,
         policy: Policy,
         limiter: RateLimiter,
+        metrics: GatewayMetrics,
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.guard = guard
         self.policy = policy
         self.limiter = limiter
+        self.metrics = metrics
 
     async def resolve_model(self, name: str | None) -> str:
         live = await self.broker.live_models()
@@ -263,6 +266,9 @@ class InferenceService:
             error_code=outcome.error_code,
             guard_verdict=outcome.verdict,
             guard_findings=tuple(outcome.findings),
+        )
+        self.metrics.observe(
+            job.endpoint, outcome.status, event.processing_time, model, outcome.completion_tokens
         )
         try:
             # Shielded: a client that hangs up must not cost the audit record.

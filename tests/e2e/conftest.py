@@ -24,7 +24,8 @@ MAX_BODY = 64 * 1024
 LIMITED_RPM = 20
 POLICY = f"""
 [roles.admin]
-permissions = ["chat", "completions", "generate", "models:list", "audit:read", "keys:admin"]
+permissions = ["chat", "completions", "generate", "models:list", "audit:read", "keys:admin",
+               "metrics:read"]
 models = ["*"]
 max_tokens = 4096
 

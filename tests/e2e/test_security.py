@@ -238,3 +238,20 @@ async def test_api_key_model_list_and_expiry(platform):
         return status == 401 and body["error"]["code"] == "api_key_expired"
 
     await eventually(expired, 10)
+
+
+async def test_metrics_need_their_permission(platform):
+    status, body = await _get_text(platform, "/metrics", None)
+    assert status == 401
+    status, body = await _get_text(platform, "/metrics", platform.token())
+    assert status == 403 and "'metrics:read'" in body
+    status, body = await _get_text(platform, "/metrics", platform.token(role="admin"))
+    assert status == 200
+    assert 'bastion_gateway_requests_total{endpoint="completion",status="ok"}' in body
+
+
+async def _get_text(platform: Platform, path: str, token: str | None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{platform.url}{path}", headers=headers) as r:
+            return r.status, await r.text()
