@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -9,18 +10,33 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bastion_common.pb import guard_pb2, guard_pb2_grpc
-from bastion_guard.detect import detect
-from bastion_guard.redact import StreamRedactor
+from bastion_guard.analysis import Analysis, analyse
+from bastion_guard.redact import Redactor, StreamRedactor
 from bastion_guard.sanitise import sanitise
 from bastion_guard.settings import GuardSettings
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
+OUTPUT_SCAN_CHARS = 16384
+_VERDICTS = {
+    "allow": guard_pb2.VERDICT_ALLOW,
+    "flag": guard_pb2.VERDICT_FLAG,
+    "block": guard_pb2.VERDICT_BLOCK,
+}
+_SEVERITY = [guard_pb2.VERDICT_ALLOW, guard_pb2.VERDICT_FLAG, guard_pb2.VERDICT_BLOCK]
+
+
+def _findings(result: Analysis) -> list[guard_pb2.Finding]:
+    out = [guard_pb2.Finding(kind=f.kind, score=f.score, detail=f.view) for f in result.findings]
+    if result.anomaly >= 0.5:
+        out.append(guard_pb2.Finding(kind="anomaly", score=result.anomaly))
+    return out
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):
     def __init__(self, settings: GuardSettings) -> None:
         self._settings = settings
+        self._pseudonym_key = settings.guard_pseudonym_key()
 
     async def CheckInput(
         self, request: guard_pb2.CheckInputRequest, context: grpc.aio.ServicerContext
@@ -28,20 +44,20 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         findings: list[guard_pb2.Finding] = []
         sanitised: list[guard_pb2.Segment] = []
         removed = 0
+        verdict = guard_pb2.VERDICT_ALLOW
         for segment in request.segments:
             clean = sanitise(segment.text)
             removed += clean.removed_total
             for name, count in sorted(clean.removed.items()):
                 findings.append(
-                    guard_pb2.Finding(kind=f"sanitise.{name}", score=0.5, detail=f"{count} removed")
+                    guard_pb2.Finding(kind=f"sanitise.{name}", score=0.3, detail=f"{count} removed")
                 )
-            for hit in detect(clean.text):
-                findings.append(guard_pb2.Finding(kind=hit.kind, score=hit.score))
+            # Detection reads the original: hidden characters are evidence, not noise.
+            result = analyse(segment.text, "input", with_entities=False)
+            findings.extend(_findings(result))
+            verdict = max(verdict, _VERDICTS[result.verdict], key=_SEVERITY.index)
             sanitised.append(guard_pb2.Segment(role=segment.role, text=clean.text))
-        verdict = guard_pb2.VERDICT_ALLOW
-        if any(f.kind.startswith("injection.") for f in findings):
-            verdict = guard_pb2.VERDICT_BLOCK
-        elif removed:
+        if removed and verdict == guard_pb2.VERDICT_ALLOW:
             verdict = guard_pb2.VERDICT_FLAG
         log.info(
             "check_input request=%s verdict=%s findings=%s",
@@ -58,21 +74,37 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         request_iterator: AsyncIterator[guard_pb2.OutputChunk],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[guard_pb2.FilteredChunk]:
-        redactor = StreamRedactor(self._settings.guard_max_holdback)
-        seen = dict(redactor.found)
+        redactor: StreamRedactor | None = None
+        seen: dict[str, int] = {}
+        released: list[str] = []
         async for chunk in request_iterator:
+            if redactor is None:
+                redactor = StreamRedactor(
+                    self._settings.guard_max_holdback, self._redactor(chunk.tenant)
+                )
             text = redactor.feed(chunk.text, final=chunk.final)
+            released.append(text)
             findings = [
                 guard_pb2.Finding(
-                    kind=f"pii.{label}", score=1.0, detail=f"{n - seen.get(label, 0)}"
+                    kind=f"pii.{label}", score=1.0, detail=str(n - seen.get(label, 0))
                 )
                 for label, n in redactor.found.items()
                 if n != seen.get(label, 0)
             ]
             seen = dict(redactor.found)
+            if chunk.final:
+                # A subverted answer (a leaked system prompt, an exfiltration link)
+                # is reported with the stream's end, for the audit record.
+                output = "".join(released)[-OUTPUT_SCAN_CHARS:]
+                findings.extend(_findings(analyse(output, "output", with_entities=False)))
             yield guard_pb2.FilteredChunk(text=text, findings=findings, final=chunk.final)
             if chunk.final:
                 return
+
+    def _redactor(self, tenant: str) -> Redactor:
+        """Pseudonyms are stable within a tenant and differ between tenants."""
+        key = hmac.new(self._pseudonym_key, tenant.encode(), "sha256").digest()
+        return Redactor(self._settings.guard_redaction, key)
 
 
 async def start(settings: GuardSettings, port: int | None = None) -> tuple[grpc.aio.Server, int]:

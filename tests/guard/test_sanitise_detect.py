@@ -1,6 +1,6 @@
 import pytest
 
-from bastion_guard.detect import detect
+from bastion_guard.injection import detect
 from bastion_guard.sanitise import sanitise
 
 
