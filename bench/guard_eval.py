@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
                 json.dumps(
                     {
                         "id": record["id"],
-                        "verdict": "block" if result.blocked else "allow",
+                        "verdict": "block" if result.verdict() == "block" else "allow",
                         "entities": [
                             {"type": e.type, "start": e.start, "end": e.end}
                             for e in result.entities

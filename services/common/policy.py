@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bastion_common.errors import PermissionDeniedError
 from bastion_common.tokens import Principal
@@ -32,6 +32,52 @@ class Limits:
     daily_tokens: int = 0
 
 
+Action = Literal["block", "flag", "off"]
+FAMILIES = ("injection", "smuggling", "flooding", "exfiltration", "anomaly", "sanitise")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRules:
+    """What the guard does for one tenant. ``actions`` maps a finding family
+    (the part of a finding's kind before the dot) to block, flag or off."""
+
+    actions: dict[str, Action] = field(
+        default_factory=lambda: {
+            "injection": "block",
+            "smuggling": "block",
+            "flooding": "block",
+            "exfiltration": "block",
+            "anomaly": "flag",
+            "sanitise": "flag",
+        }
+    )
+    block_threshold: float = 0.5
+    flag_threshold: float = 0.3
+    # PII and secrets in output: redact them, only record them (flag), or skip the scan.
+    pii: Literal["redact", "flag", "off"] = "redact"
+    redaction: Literal["label", "mask", "pseudonym"] = "label"
+
+    def action(self, kind: str) -> Action:
+        # Unknown families are blocked: a new detector fails closed until configured.
+        return self.actions.get(kind.split(".", 1)[0], "block")
+
+    @classmethod
+    def parse(cls, spec: dict[str, Any], base: GuardRules | None = None) -> GuardRules:
+        base = base or cls()
+        actions = dict(base.actions)
+        for family, action in spec.get("actions", {}).items():
+            if family not in FAMILIES or action not in ("block", "flag", "off"):
+                raise ValueError(f"guard action {family!r} = {action!r} is not understood")
+            actions[family] = action
+        return cls(
+            actions,
+            float(spec.get("block_threshold", base.block_threshold)),
+            float(spec.get("flag_threshold", base.flag_threshold)),
+            spec.get("pii", base.pii),
+            spec.get("redaction", base.redaction),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Role:
     permissions: frozenset[str]
@@ -47,6 +93,8 @@ class Policy:
     tenant_limits: Limits = field(default_factory=Limits)
     # Per-tenant overrides: tenant -> (limits per principal, limits of the tenant).
     tenant_overrides: dict[str, tuple[Limits, Limits]] = field(default_factory=dict)
+    guard_default: GuardRules = field(default_factory=GuardRules)
+    guard_tenants: dict[str, GuardRules] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
@@ -83,7 +131,16 @@ class Policy:
             for name, spec in doc.get("tenants", {}).items()
             if "limits" in spec
         }
-        return cls(roles, tenants, principal, tenant, overrides)
+        guard_doc = doc.get("guard", {})
+        guard = GuardRules.parse(guard_doc)
+        guard_tenants = {
+            name: GuardRules.parse(spec, guard)
+            for name, spec in guard_doc.get("tenants", {}).items()
+        }
+        return cls(roles, tenants, principal, tenant, overrides, guard, guard_tenants)
+
+    def guard(self, tenant: str) -> GuardRules:
+        return self.guard_tenants.get(tenant, self.guard_default)
 
     def limits(self, principal: Principal) -> tuple[Limits, Limits]:
         """(limits per principal, limits of the whole tenant) for this principal."""

@@ -25,10 +25,15 @@ class CommonSettings(BaseSettings):
     key_prefix: str = Field("bastion", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     data_dir: Path = Path("var")
     log_level: str = "INFO"
+    # The policy (TOML: access, limits, guard actions); Bastion's default when unset.
+    policy_file: Path | None = None
 
     @property
     def keys(self) -> Keys:
         return Keys(self.key_prefix)
+
+    def policy(self) -> Policy:
+        return Policy.load(self.policy_file)
 
 
 class JwtSettings(CommonSettings):
@@ -50,8 +55,6 @@ class JwtSettings(CommonSettings):
     jwt_role_claim: str = "role"
     jwt_tenant_claim: str = "tenant"
     jwt_default_tenant: str = "default"
-    # The access policy (TOML); Bastion's default when unset.
-    policy_file: Path | None = None
 
     def jwt_key(self) -> str:
         """The HS256 key: from the setting, or the one generated under data_dir."""
@@ -76,9 +79,6 @@ class JwtSettings(CommonSettings):
             leeway_s=self.jwt_leeway_s,
             claims=claims,
         )
-
-    def policy(self) -> Policy:
-        return Policy.load(self.policy_file)
 
 
 S = TypeVar("S", bound=BaseSettings)

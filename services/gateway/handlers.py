@@ -77,12 +77,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _serve(request: web.Request, job: Job) -> web.StreamResponse:
     request_id = uuid.uuid4().hex
+    request[keys.REQUEST_ID] = request_id  # on every response, errors included
     events = request.app[keys.SERVICE].run(job, keys.principal(request), request_id)
     renderer = Renderer(job, job.model or "", request_id)
     async with contextlib.aclosing(events):
         admitted = await anext(events)
         assert isinstance(admitted, Admitted)
-        headers = {"x-request-id": request_id, **admitted.headers}
+        headers = admitted.headers
         if job.stream:
             return await _stream(request, events, renderer, headers)
         parts: list[str] = []

@@ -23,6 +23,7 @@ POLICY = web.AppKey("policy", Policy)
 API_KEYS = web.AppKey("api_keys", ApiKeyStore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 PRINCIPAL = "bastion.principal"
+REQUEST_ID = "bastion.request_id"
 
 
 def principal(request: web.Request) -> Principal:

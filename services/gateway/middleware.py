@@ -76,6 +76,8 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     """on_response_prepare: runs for every response, streamed ones included."""
     response.headers.update(SECURITY_HEADERS)
     response.headers["Server"] = "bastion"  # not the framework and its version
+    if keys.REQUEST_ID in request:
+        response.headers["x-request-id"] = request[keys.REQUEST_ID]
     if request.app[keys.SETTINGS].tls_enabled:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
 

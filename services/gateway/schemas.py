@@ -81,6 +81,8 @@ class ChatBody(_Common):
 
 class CompletionBody(_Common):
     prompt: str | list[str]
+    # Return the prompt before the completion, through the same output filter.
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -115,6 +117,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    echo: bool = False
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -171,6 +174,7 @@ def completion_job(body: dict[str, Any]) -> Job:
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         user=req.user,
+        echo=req.echo,
     )
 
 

@@ -193,6 +193,11 @@ class InferenceService:
         output = self.guard.output_filter(request_id, principal.tenant)
         finished = False
         try:
+            if job.echo and job.prompt:
+                text = await output.filter(job.prompt)
+                if text:
+                    outcome.output_length += len(text)
+                    yield Delta(text)
             async for record in self.broker.results(request):
                 if record.kind == "error":
                     raise from_name(

@@ -17,7 +17,8 @@ from typing import Literal
 
 from bastion_guard.entities import Entity, find_entities
 
-Style = Literal["label", "mask", "pseudonym"]
+# "keep" finds and reports but changes nothing; "off" does not even look.
+Style = Literal["label", "mask", "pseudonym", "keep", "off"]
 _WORD_TAIL = re.compile(r"[A-Za-z0-9._%+@:/=*!#$&()\-]*\Z")
 _GROUP_TAIL = re.compile(r"[0-9A-Z+()\-]+\Z")
 _PEM_END = re.compile(r"-----END [A-Z ]*KEY-----")
@@ -45,6 +46,8 @@ class Redactor:
         self._key = pseudonym_key
 
     def replacement(self, entity: Entity, value: str) -> str:
+        if self.style in ("keep", "off"):
+            return value
         if self.style == "mask":
             return "*" * len(value)
         if self.style == "pseudonym":
@@ -76,6 +79,8 @@ class StreamRedactor:
         self.found: Counter[str] = Counter()
 
     def feed(self, text: str, final: bool = False) -> str:
+        if self._redactor.style == "off":
+            return text
         self._pending += text
         pending = self._pending
         cut = len(pending) if final else _hold_from(pending, self._max_holdback)

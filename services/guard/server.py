@@ -10,7 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bastion_common.pb import guard_pb2, guard_pb2_grpc
-from bastion_guard.analysis import Analysis, analyse
+from bastion_common.policy import GuardRules
+from bastion_guard.analysis import Analysis, analyse, decide
 from bastion_guard.redact import Redactor, StreamRedactor
 from bastion_guard.sanitise import sanitise
 from bastion_guard.settings import GuardSettings
@@ -23,42 +24,42 @@ _VERDICTS = {
     "flag": guard_pb2.VERDICT_FLAG,
     "block": guard_pb2.VERDICT_BLOCK,
 }
-_SEVERITY = [guard_pb2.VERDICT_ALLOW, guard_pb2.VERDICT_FLAG, guard_pb2.VERDICT_BLOCK]
 
 
-def _findings(result: Analysis) -> list[guard_pb2.Finding]:
-    out = [guard_pb2.Finding(kind=f.kind, score=f.score, detail=f.view) for f in result.findings]
-    if result.anomaly >= 0.5:
-        out.append(guard_pb2.Finding(kind="anomaly", score=result.anomaly))
-    return out
+def _findings(result: Analysis, rules: GuardRules) -> list[guard_pb2.Finding]:
+    return [
+        guard_pb2.Finding(kind=kind, score=score, detail=detail)
+        for kind, score, detail in result.reported(rules)
+    ]
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):
     def __init__(self, settings: GuardSettings) -> None:
         self._settings = settings
+        self._policy = settings.policy()
         self._pseudonym_key = settings.guard_pseudonym_key()
 
     async def CheckInput(
         self, request: guard_pb2.CheckInputRequest, context: grpc.aio.ServicerContext
     ) -> guard_pb2.CheckInputResponse:
+        rules = self._policy.guard(request.tenant)
         findings: list[guard_pb2.Finding] = []
         sanitised: list[guard_pb2.Segment] = []
         removed = 0
-        verdict = guard_pb2.VERDICT_ALLOW
         for segment in request.segments:
             clean = sanitise(segment.text)
             removed += clean.removed_total
             for name, count in sorted(clean.removed.items()):
-                findings.append(
-                    guard_pb2.Finding(kind=f"sanitise.{name}", score=0.3, detail=f"{count} removed")
-                )
+                if rules.action("sanitise") != "off":
+                    findings.append(
+                        guard_pb2.Finding(
+                            kind=f"sanitise.{name}", score=0.3, detail=f"{count} removed"
+                        )
+                    )
             # Detection reads the original: hidden characters are evidence, not noise.
-            result = analyse(segment.text, "input", with_entities=False)
-            findings.extend(_findings(result))
-            verdict = max(verdict, _VERDICTS[result.verdict], key=_SEVERITY.index)
+            findings.extend(_findings(analyse(segment.text, "input", with_entities=False), rules))
             sanitised.append(guard_pb2.Segment(role=segment.role, text=clean.text))
-        if removed and verdict == guard_pb2.VERDICT_ALLOW:
-            verdict = guard_pb2.VERDICT_FLAG
+        verdict = _VERDICTS[decide(((f.kind, f.score) for f in findings), rules)]
         log.info(
             "check_input request=%s verdict=%s findings=%s",
             request.request_id,
@@ -75,12 +76,14 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[guard_pb2.FilteredChunk]:
         redactor: StreamRedactor | None = None
+        rules = self._policy.guard_default
         seen: dict[str, int] = {}
         released: list[str] = []
         async for chunk in request_iterator:
             if redactor is None:
+                rules = self._policy.guard(chunk.tenant)
                 redactor = StreamRedactor(
-                    self._settings.guard_max_holdback, self._redactor(chunk.tenant)
+                    self._settings.guard_max_holdback, self._redactor(chunk.tenant, rules)
                 )
             text = redactor.feed(chunk.text, final=chunk.final)
             released.append(text)
@@ -96,15 +99,16 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                 # A subverted answer (a leaked system prompt, an exfiltration link)
                 # is reported with the stream's end, for the audit record.
                 output = "".join(released)[-OUTPUT_SCAN_CHARS:]
-                findings.extend(_findings(analyse(output, "output", with_entities=False)))
+                findings.extend(_findings(analyse(output, "output", with_entities=False), rules))
             yield guard_pb2.FilteredChunk(text=text, findings=findings, final=chunk.final)
             if chunk.final:
                 return
 
-    def _redactor(self, tenant: str) -> Redactor:
+    def _redactor(self, tenant: str, rules: GuardRules) -> Redactor:
         """Pseudonyms are stable within a tenant and differ between tenants."""
         key = hmac.new(self._pseudonym_key, tenant.encode(), "sha256").digest()
-        return Redactor(self._settings.guard_redaction, key)
+        style = {"redact": rules.redaction, "flag": "keep", "off": "off"}[rules.pii]
+        return Redactor(style, key)
 
 
 async def start(settings: GuardSettings, port: int | None = None) -> tuple[grpc.aio.Server, int]:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import SecretStr
 
 from bastion_common.settings import CommonSettings
@@ -14,9 +12,7 @@ class GuardSettings(CommonSettings):
     # The longest run of entity-like characters the output filter holds back
     # while waiting to see whether it completes an entity.
     guard_max_holdback: int = 256
-    # How redacted values appear: "[EMAIL]", "****", or a stable per-tenant
-    # pseudonym "[EMAIL_1a2b3c4d]" (the same value gives the same pseudonym).
-    guard_redaction: Literal["label", "mask", "pseudonym"] = "label"
+    # Keys the per-tenant pseudonyms of the "pseudonym" redaction style (policy).
     guard_pseudonym_secret: SecretStr | None = None
 
     def guard_pseudonym_key(self) -> bytes:
