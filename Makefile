@@ -49,6 +49,8 @@ proto: $(STAMP)
 # run) and writes it under bench/results/.
 bench: $(STAMP)
 	$(PY) -m bench.auth_overhead
+	$(PY) -m bench.guard_latency
+	$(PY) -m bench.guard_eval
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .typecheck

@@ -388,7 +388,36 @@ def _keywords(pattern: str) -> tuple[str, ...] | None:
     return tuple(sorted(set(kws)))
 
 
-GATED = tuple((kind, score, rule, _keywords(rule.pattern)) for kind, score, rule in RULES)
+# Where the derivation is too loose ("as" before "DAN"), a rule names its own gate.
+_GATE_OVERRIDES = {
+    RULES[i][2].pattern: ("dan",) for i, r in enumerate(RULES) if "DAN\\b" in r[2].pattern
+}
+
+
+def _compiled_gate(gate: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """ASCII literals must start a word (so they are matched with a leading
+    space); CJK literals, which have no word boundaries, match anywhere."""
+    if gate is None:
+        return None
+    return tuple(f" {k}" if k.isascii() else k for k in gate)
+
+
+GATED = tuple(
+    (
+        kind,
+        score,
+        rule,
+        _compiled_gate(_GATE_OVERRIDES.get(rule.pattern) or _keywords(rule.pattern)),
+    )
+    for kind, score, rule in RULES
+)
+_WORDS = re.compile(r"[^a-z0-9'\u3000-\u9fff\uff00-\uffef]+")
+
+
+def _gate_open(gate: tuple[str, ...] | None, words: str) -> bool:
+    """Whether a rule may match ``words`` (the view lower-cased, word-separated)."""
+    return gate is None or any(k in words for k in gate)
+
 
 _TAG_CHARS = re.compile("[\U000e0020-\U000e007e]")
 _EXFIL_LINK = re.compile(r"!?\[[^\]]*\]\((https?://[^)\s]+[?&][^)\s]*=[^)\s]*)\)")
@@ -426,9 +455,9 @@ def detect(text: str) -> list[Finding]:
     findings = _structural(text)
     seen: set[str] = set()
     for name, view in views(text):
-        low = " ".join(view.lower().split())
+        words = " " + _WORDS.sub(" ", view.lower())
         for kind, score, rule, gate in GATED:
-            if kind in seen or (gate is not None and not any(k in low for k in gate)):
+            if kind in seen or not _gate_open(gate, words):
                 continue
             # One finding per kind: the first view (the plainest reading) that shows it.
             if rule.search(view):

@@ -23,7 +23,9 @@ _CONFUSABLES = str.maketrans(
 )
 _LEET = str.maketrans("4@3105$7", "aaeioSst".lower())
 _DISGUISED = re.compile(
-    "[\u0370-\u03ff\u0400-\u04ff\u0500-\u052f\uff01-\uff5e\u3000\U0001d400-\U0001d7ff]"
+    # Greek, Cyrillic, full-width letters and digits (not the full-width
+    # punctuation ordinary Chinese text uses), mathematical alphanumerics.
+    "[\u0370-\u03ff\u0400-\u052f\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\U0001d400-\U0001d7ff]"
 )
 _TAGS = re.compile("[\U000e0020-\U000e007e]+")
 _BIDI_RUN = re.compile("\u202e([^\u202a-\u202e\u2066-\u2069]*)")
@@ -37,7 +39,11 @@ def skeleton(text: str) -> str:
     return re.sub(r"\s+", " ", folded)
 
 
-_LEET_WORD = re.compile(r"(?i)\b(?=[\w@$]*[a-z][0134578@$]+[a-z])[\w@$]{3,20}\b")
+# Lower-case words of letters and leet digits only, with a digit between letters
+# ("f0rg3t"); mixed-case runs such as base64 are not leetspeak.
+_LEET_WORD = re.compile(
+    r"(?<![\w@$])(?=[a-z0134578@$]*[a-z][0134578@$]+[a-z])[a-z0134578@$]{3,20}(?![\w@$])"
+)
 
 
 def _deleet(text: str) -> str:
@@ -45,7 +51,7 @@ def _deleet(text: str) -> str:
     when at least two words have it; returns ``text`` itself otherwise."""
     if len(_LEET_WORD.findall(text)) < 2:
         return text
-    return _LEET_WORD.sub(lambda m: m.group().lower().translate(_LEET), text)
+    return _LEET_WORD.sub(lambda m: m.group().translate(_LEET), text)
 
 
 def _printable(raw: bytes) -> str | None:
