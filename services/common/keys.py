@@ -61,6 +61,10 @@ class Keys:
         """Rate-limit state of one scope (principal or tenant) and one limit."""
         return f"{self.prefix}:limit:{scope}:{name}"
 
+    def tenant_baseline(self, tenant: str) -> str:
+        """The guard's running statistics of a tenant's prompt sizes (numbers only)."""
+        return f"{self.prefix}:guard:baseline:{tenant}"
+
     def model_of_worker_key(self, key: str) -> str:
         """The model name inside a key made by :meth:`worker`."""
         head = f"{self.prefix}:worker:"

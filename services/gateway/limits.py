@@ -23,7 +23,6 @@ from bastion_common.tokens import Principal
 
 # A request that never reconciles (its gateway died) frees its concurrency slot after this.
 CONCURRENCY_LEASE_MS = 15 * 60 * 1000
-BYTES_PER_TOKEN = 4  # the prompt estimate before the worker counts it exactly
 
 _ADMIT = """
 local t = redis.call('TIME')
@@ -111,10 +110,6 @@ for i = 0, 1 do
 end
 return 1
 """
-
-
-def estimate_tokens(text_bytes: int) -> int:
-    return max(1, math.ceil(text_bytes / BYTES_PER_TOKEN))
 
 
 def duration(ms: int) -> str:

@@ -28,10 +28,11 @@ from bastion_common.messages import (
 )
 from bastion_common.pb import guard_pb2
 from bastion_common.policy import Policy
+from bastion_common.sizes import estimate_tokens
 from bastion_common.tokens import Principal
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
-from bastion_gateway.limits import Admission, RateLimiter, estimate_tokens
+from bastion_gateway.limits import Admission, RateLimiter
 from bastion_gateway.metrics import GatewayMetrics
 from bastion_gateway.schemas import Job
 from bastion_gateway.settings import GatewaySettings

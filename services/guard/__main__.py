@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import redis.asyncio as aioredis
+
 from bastion_common import logs
 from bastion_common.settings import load
 from bastion_guard.server import start
@@ -15,7 +17,8 @@ GRACE_S = 5.0
 
 async def serve(settings: GuardSettings) -> None:
     log = logs.setup("guard", settings.log_level)
-    server, port = await start(settings)
+    redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    server, port = await start(settings, redis=redis)
     log.info("guard listening on %s:%d", settings.guard_host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -24,6 +27,7 @@ async def serve(settings: GuardSettings) -> None:
     await stop.wait()
     log.info("guard stopping")
     await server.stop(GRACE_S)
+    await redis.aclose()
 
 
 def main() -> None:

@@ -7,11 +7,15 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
 from bastion_common.pb import guard_pb2, guard_pb2_grpc
 from bastion_common.policy import GuardRules
+from bastion_common.sizes import estimate_tokens
 from bastion_guard.analysis import Analysis, analyse, decide
+from bastion_guard.baseline import TenantBaseline
 from bastion_guard.redact import Redactor, StreamRedactor
 from bastion_guard.sanitise import sanitise
 from bastion_guard.settings import GuardSettings
@@ -34,8 +38,9 @@ def _findings(result: Analysis, rules: GuardRules) -> list[guard_pb2.Finding]:
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):
-    def __init__(self, settings: GuardSettings) -> None:
+    def __init__(self, settings: GuardSettings, baseline: TenantBaseline | None = None) -> None:
         self._settings = settings
+        self._baseline = baseline
         self._policy = settings.policy()
         self._pseudonym_key = settings.guard_pseudonym_key()
 
@@ -59,6 +64,9 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             # Detection reads the original: hidden characters are evidence, not noise.
             findings.extend(_findings(analyse(segment.text, "input", with_entities=False), rules))
             sanitised.append(guard_pb2.Segment(role=segment.role, text=clean.text))
+        size = await self._size_anomaly(request, rules)
+        if size:
+            findings.append(guard_pb2.Finding(kind="anomaly.tenant_size", score=size))
         verdict = _VERDICTS[decide(((f.kind, f.score) for f in findings), rules)]
         log.info(
             "check_input request=%s verdict=%s findings=%s",
@@ -104,6 +112,17 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             if chunk.final:
                 return
 
+    async def _size_anomaly(self, request: guard_pb2.CheckInputRequest, rules: GuardRules) -> float:
+        """How far this prompt's size is above the tenant's usual range (0..1)."""
+        if self._baseline is None or rules.action("anomaly") == "off":
+            return 0.0
+        size = estimate_tokens(sum(len(s.text.encode()) for s in request.segments))
+        try:
+            return await self._baseline.observe(request.tenant or "default", size)
+        except RedisError:
+            log.warning("tenant baseline unavailable; size anomaly not scored")
+            return 0.0
+
     def _redactor(self, tenant: str, rules: GuardRules) -> Redactor:
         """Pseudonyms are stable within a tenant and differ between tenants."""
         key = hmac.new(self._pseudonym_key, tenant.encode(), "sha256").digest()
@@ -111,10 +130,14 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         return Redactor(style, key)
 
 
-async def start(settings: GuardSettings, port: int | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start a guard server; returns it with the port it bound (0 picks a free one)."""
+async def start(
+    settings: GuardSettings, port: int | None = None, redis: aioredis.Redis | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start a guard server; returns it with the port it bound (0 picks a free one).
+    With ``redis``, prompt sizes are also judged against each tenant's history."""
     server = grpc.aio.server()
-    guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(settings), server)
+    baseline = TenantBaseline(redis, settings.keys) if redis is not None else None
+    guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(settings, baseline), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(

@@ -7,8 +7,9 @@ import pytest
 from bastion_common.errors import RateLimitError
 from bastion_common.keys import Keys
 from bastion_common.policy import Policy
+from bastion_common.sizes import estimate_tokens
 from bastion_common.tokens import Principal
-from bastion_gateway.limits import RateLimiter, duration, estimate_tokens
+from bastion_gateway.limits import RateLimiter, duration
 
 
 def _limiter(aredis, key_prefix, principal=None, tenant=None):

@@ -1,5 +1,6 @@
 """The guard over real gRPC on loopback."""
 
+import random
 from collections.abc import AsyncIterator
 
 import grpc
@@ -124,3 +125,25 @@ async def test_tenant_pii_action_and_redaction_style(policy_channel):
     assert (await _filter(policy_channel, "lab", text))[0] == "reach " + "*" * 20 + " now"
     kept, kinds = await _filter(policy_channel, "redteam", text)
     assert kept == text and "pii.EMAIL" in kinds
+
+
+async def test_prompt_far_above_the_tenants_usual_size_is_an_anomaly(key_prefix, aredis, redis_url):
+    from bastion_guard.baseline import MIN_REQUESTS
+
+    settings = GuardSettings(guard_port=0, key_prefix=key_prefix, redis_url=redis_url)
+    server, port = await start(settings, port=0, redis=aredis)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+            for i in range(MIN_REQUESTS + 5):
+                usual = await _check(chan, "clinic", f"Please summarise note number {i} for me.")
+                assert "anomaly.tenant_size" not in [f.kind for f in usual.findings]
+            rng = random.Random(0)
+            vocabulary = [f"term{i}" for i in range(500)]
+            record = " ".join(rng.choice(vocabulary) for _ in range(2500))
+            huge = await _check(chan, "clinic", f"Summarise this record. {record}")
+            other = await _check(chan, "factory", f"Summarise this record. {record}")
+    finally:
+        await server.stop(None)
+    sizes = [f for f in huge.findings if f.kind == "anomaly.tenant_size"]
+    assert sizes and sizes[0].score > 0.5 and huge.verdict == guard_pb2.VERDICT_FLAG
+    assert "anomaly.tenant_size" not in [f.kind for f in other.findings]  # no history yet
