@@ -63,6 +63,8 @@ class GenerationRequest(Message):
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = SamplingParams()
+    # Higher goes first; waiting raises it over time so nothing starves.
+    priority: int = 0
     requester: Requester
     result_stream: str
     cancel_key: str

@@ -1,6 +1,13 @@
 """The worker's Redis side: registration, pulling requests from the model's
-stream through the consumer group, and publishing results. One task owns the
-engine; forward passes run in a thread so the event loop stays responsive."""
+stream through the consumer group, and publishing results, around a
+continuous-batching loop. One task owns the engine; forward passes run in a
+thread so the event loop stays responsive.
+
+Each iteration: pull only as many new requests as there are free slots (the
+rest stay in the stream for other workers), let the scheduler pick which
+waiting ones join now, prefill and join them, decode one step for the batch,
+publish every sequence's new text, and let finished sequences leave.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -18,10 +25,22 @@ from bastion_common import keys as K
 from bastion_common.errors import BastionError, InternalError, InvalidRequestError, TimeoutError_
 from bastion_common.messages import GenerationRequest, ResultRecord
 from bastion_worker.engine import Batch, Engine, Sequence
+from bastion_worker.scheduler import SchedulerConfig, Waiting, admit
 from bastion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
+Entries = list[tuple[str, dict[str, str] | None]]
+
+
+@dataclass
+class Ticket:
+    """A request this worker has taken from the stream and must answer."""
+
+    request: GenerationRequest
+    entry_id: str
+    seq: Sequence
+    arrived: float
 
 
 class Consumer:
@@ -32,18 +51,24 @@ class Consumer:
         self.keys = settings.keys
         self.model = settings.served_name
         self.stream = self.keys.requests(self.model)
+        self.config = SchedulerConfig(settings.max_batch_size, settings.prefill_budget)
+        self.waiting: dict[str, Ticket] = {}
+        self.running: dict[str, Ticket] = {}
+        self.batch: Batch | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; a batch in progress is finished first."""
+        """Serve until ``stop`` is set; what was taken is still answered first."""
         await self._ensure_group()
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         try:
             # Our own unacknowledged entries first (from a previous life), then new ones.
-            await self._serve_pending()
-            while not stop.is_set():
-                entries = await self._read(">")
-                if entries:
-                    await self._serve(entries)
+            await self._take(await self._read("0", count=None, block=None))
+            while not stop.is_set() or self.batch is not None or self.waiting:
+                if not stop.is_set():
+                    await self._pull()
+                await self._admit_waiting()
+                if self.batch is not None:
+                    await self._step()
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -65,74 +90,40 @@ class Consumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), K.WORKER_HEARTBEAT_S)
 
-    async def _read(self, start: str) -> list[tuple[str, dict[str, str] | None]]:
+    async def _read(self, start: str, count: int | None, block: int | None) -> Entries:
         reply = await self.redis.xreadgroup(
-            K.WORKER_GROUP,
-            self.settings.worker_id,
-            {self.stream: start},
-            count=self.settings.max_batch_size,
-            block=None if start != ">" else READ_BLOCK_MS,
+            K.WORKER_GROUP, self.settings.worker_id, {self.stream: start}, count=count, block=block
         )
         return [entry for _, entries in reply for entry in entries] if reply else []
 
-    async def _serve_pending(self) -> None:
-        entries = await self._read("0")
-        if entries:
-            log.info("resuming %d unacknowledged requests", len(entries))
-            await self._serve(entries)
+    async def _pull(self) -> None:
+        """Take only what there is room for; the rest stays for other workers."""
+        free = self.config.max_seqs - len(self.running) - len(self.waiting)
+        if free <= 0:
+            return
+        idle = self.batch is None and not self.waiting
+        await self._take(await self._read(">", count=free, block=READ_BLOCK_MS if idle else None))
 
-    async def _serve(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
-        requests: list[GenerationRequest] = []
+    async def _take(self, entries: Entries) -> None:
         for entry_id, fields in entries:
             if not fields:  # the gateway already gave up on it and deleted it
+                await self._done(entry_id)
                 continue
             try:
-                requests.append(GenerationRequest.load(fields))
+                request = GenerationRequest.load(fields)
             except (ValidationError, KeyError):
                 log.error("dropping malformed queue entry %s", entry_id)
-        try:
-            await self._serve_batch(requests)
-        finally:
-            ids = [entry_id for entry_id, _ in entries]
-            await self.redis.xack(self.stream, K.WORKER_GROUP, *ids)
-            await self.redis.xdel(self.stream, *ids)
-
-    async def _serve_batch(self, requests: list[GenerationRequest]) -> None:
-        seqs: dict[str, Sequence] = {}
-        for req in requests:
+                await self._done(entry_id)
+                continue
             try:
-                seqs[req.id] = self._admit(req)
+                seq = self._sequence(request)
             except BastionError as exc:
-                await self._publish(req, ResultRecord(kind="error", **_error_fields(exc)))
-        if not seqs:
-            return
-        by_id = {r.id: r for r in requests}
-        started = time.perf_counter()
-        try:
-            batch = await asyncio.to_thread(self.engine.prefill, list(seqs.values()))
-            await self._flush(batch, by_id)
-            while not batch.done:
-                await self._apply_cancels(batch, by_id)
-                if batch.done:
-                    break
-                await asyncio.to_thread(self.engine.decode_step, batch)
-                await self._flush(batch, by_id)
-            await self._flush(batch, by_id)
-        except Exception:
-            log.exception("batch of %d failed", len(seqs))
-            failure = InternalError("The worker failed while generating.", code="worker_error")
-            for seq in seqs.values():
-                if not seq.published:
-                    seq.published = True
-                    await self._publish(
-                        by_id[seq.request_id], ResultRecord(kind="error", **_error_fields(failure))
-                    )
-            return
-        tokens = sum(len(s.output_ids) for s in seqs.values())
-        elapsed = time.perf_counter() - started
-        log.info("batch size=%d tokens=%d seconds=%.2f", len(seqs), tokens, elapsed)
+                await self._publish(request, ResultRecord(kind="error", **_error_fields(exc)))
+                await self._done(entry_id)
+                continue
+            self.waiting[request.id] = Ticket(request, entry_id, seq, time.monotonic())
 
-    def _admit(self, req: GenerationRequest) -> Sequence:
+    def _sequence(self, req: GenerationRequest) -> Sequence:
         if req.model != self.model:
             raise InvalidRequestError(f"This worker serves {self.model!r}, not {req.model!r}.")
         if time.time() > req.deadline:
@@ -155,21 +146,66 @@ class Consumer:
         wanted = req.params.max_tokens or self.settings.default_max_tokens
         return self.engine.new_sequence(req.id, prompt_ids, req.params, min(wanted, room), stops)
 
-    async def _apply_cancels(self, batch: Batch, by_id: dict[str, GenerationRequest]) -> None:
+    async def _admit_waiting(self) -> None:
+        if not self.waiting or (self.batch is not None and not self.batch.joinable):
+            return
+        queue = [
+            Waiting(t.request.id, len(t.seq.prompt_ids), t.arrived, t.request.priority)
+            for t in self.waiting.values()
+        ]
+        chosen = admit(queue, len(self.running), time.monotonic(), self.config)
+        tickets = [self.waiting.pop(w.request_id) for w in chosen]
+        if not tickets:
+            return
+        try:
+            new = await asyncio.to_thread(self.engine.prefill, [t.seq for t in tickets])
+        except Exception:
+            log.exception("prefill of %d sequences failed", len(tickets))
+            await self._fail(tickets)
+            return
+        self.running.update((t.request.id, t) for t in tickets)
+        if self.batch is None:
+            self.batch = new
+        else:
+            self.batch = await asyncio.to_thread(self.engine.join, self.batch, new)
+        await self._flush()
+
+    async def _step(self) -> None:
+        batch = self.batch
+        assert batch is not None
+        try:
+            await self._apply_cancels(batch)
+            if not batch.done:
+                await asyncio.to_thread(self.engine.decode_step, batch)
+            await self._flush()
+            self.batch = await asyncio.to_thread(self.engine.evict, batch)
+        except Exception:
+            log.exception("batch of %d sequences failed", len(batch.seqs))
+            await self._fail(list(self.running.values()))
+            self.batch = None
+
+    async def _apply_cancels(self, batch: Batch) -> None:
         live = [s for s in batch.seqs if not s.finished]
-        marks = await self.redis.mget([by_id[s.request_id].cancel_key for s in live])
+        if not live:
+            return
+        marks = await self.redis.mget([self.running[s.request_id].request.cancel_key for s in live])
         for seq, mark in zip(live, marks, strict=True):
             if mark is not None:
                 self.engine.cancel(seq)
 
-    async def _flush(self, batch: Batch, by_id: dict[str, GenerationRequest]) -> None:
-        """Publish every sequence's new text, and the final record of those that ended."""
+    async def _flush(self) -> None:
+        """Publish every running sequence's new text, and the final record of those that
+        ended; a sequence whose final record is out is acknowledged and deleted."""
+        assert self.batch is not None
         pipe = self.redis.pipeline(transaction=False)
-        for seq in _needing_publish(batch.seqs):
-            req = by_id[seq.request_id]
+        ended: list[Ticket] = []
+        for seq in self.batch.seqs:
+            if seq.published:
+                continue
+            ticket = self.running[seq.request_id]
             text = self.engine.take_text(seq)
             if text:
-                _add(pipe, req, ResultRecord(kind="token", text=text))
+                _add(pipe, ticket.request, ResultRecord(kind="token", text=text))
             if seq.finished:
                 done = ResultRecord(
                     kind="done",
@@ -177,18 +213,36 @@ class Consumer:
                     prompt_tokens=len(seq.prompt_ids),
                     completion_tokens=len(seq.output_ids),
                 )
-                _add(pipe, req, done)
+                _add(pipe, ticket.request, done)
                 seq.published = True
+                ended.append(ticket)
         await pipe.execute()
+        for ticket in ended:
+            del self.running[ticket.request.id]
+            await self._done(ticket.entry_id)
+
+    async def _fail(self, tickets: list[Ticket]) -> None:
+        failure = InternalError("The worker failed while generating.", code="worker_error")
+        for ticket in tickets:
+            if not ticket.seq.published:
+                ticket.seq.published = True
+                await self._publish(
+                    ticket.request, ResultRecord(kind="error", **_error_fields(failure))
+                )
+            self.running.pop(ticket.request.id, None)
+            await self._done(ticket.entry_id)
 
     async def _publish(self, req: GenerationRequest, record: ResultRecord) -> None:
         pipe = self.redis.pipeline(transaction=False)
         _add(pipe, req, record)
         await pipe.execute()
 
-
-def _needing_publish(seqs: Iterable[Sequence]) -> list[Sequence]:
-    return [s for s in seqs if not s.published]
+    async def _done(self, entry_id: str) -> None:
+        """Acknowledge and delete a stream entry: nothing of it stays in Redis."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.stream, K.WORKER_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        await pipe.execute()
 
 
 def _add(pipe: aioredis.client.Pipeline, req: GenerationRequest, record: ResultRecord) -> None:

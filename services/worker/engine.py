@@ -1,9 +1,9 @@
 """The batched forward passes. Owns torch; knows nothing of Redis or HTTP.
 
-A batch is prefilled once (prompts left-padded to one length) and then decoded
-one token per step for every live row, with the KV cache carried between steps.
-Rows that finish keep a slot until the whole batch is done; continuous batching
-is the worker-engine issue's.
+New sequences are prefilled together (prompts left-padded to one length) and,
+where the cache allows (:mod:`bastion_worker.batching`), joined to the running
+batch; every step decodes one token for each live row with the KV cache
+carried between steps; finished rows leave the batch at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from bastion_common.messages import SamplingParams
+from bastion_worker import batching
 from bastion_worker.detokenize import IncrementalDetokenizer
 from bastion_worker.loader import LoadedModel
 from bastion_worker.sampling import make_generator, sample
@@ -53,6 +54,10 @@ class Batch:
     @property
     def done(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+    @property
+    def joinable(self) -> bool:
+        return batching.joinable(self.cache)
 
 
 class Engine:
@@ -97,6 +102,37 @@ class Engine:
         batch = Batch(seqs, cache, mask, positions[:, -1], ids[:, -1])
         self._advance(batch, out.logits[:, -1, :])
         return batch
+
+    @torch.inference_mode()
+    def join(self, batch: Batch, new: Batch) -> Batch:
+        """The running batch with ``new``'s (already prefilled) rows appended."""
+        width = max(batch.attention_mask.shape[1], new.attention_mask.shape[1])
+        batching.merge_caches(batch.cache, new.cache, width)
+        return Batch(
+            batch.seqs + new.seqs,
+            batch.cache,
+            batching.merge_rows(batch.attention_mask, new.attention_mask),
+            torch.cat([batch.positions, new.positions]),
+            torch.cat([batch.last_tokens, new.last_tokens]),
+        )
+
+    @torch.inference_mode()
+    def evict(self, batch: Batch) -> Batch | None:
+        """Drop the rows whose sequences have finished and been published."""
+        keep = [i for i, s in enumerate(batch.seqs) if not s.published]
+        if not keep:
+            return None
+        if len(keep) == len(batch.seqs):
+            return batch
+        rows = torch.tensor(keep, device=batch.attention_mask.device)
+        mask = batching.keep_rows(batch.cache, batch.attention_mask, rows)
+        return Batch(
+            [batch.seqs[i] for i in keep],
+            batch.cache,
+            mask,
+            batch.positions[rows],
+            batch.last_tokens[rows],
+        )
 
     @torch.inference_mode()
     def decode_step(self, batch: Batch) -> None:

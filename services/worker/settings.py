@@ -21,6 +21,9 @@ class WorkerSettings(CommonSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
+    # Prompt tokens prefilled in one step while others decode (a longer prompt
+    # still runs when the batch is empty).
+    prefill_budget: int = Field(2048, ge=1)
     # Used when a request gives no max_tokens (still capped by the context).
     default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)

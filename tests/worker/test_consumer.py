@@ -129,3 +129,22 @@ async def test_requests_taken_before_a_crash_are_served_on_restart(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, aredis):
+    """Continuous batching: B does not wait for A's batch to end."""
+    stream = worker.keys.requests(worker.served_name)
+    long = _request(worker, "Tell me everything", max_tokens=600, temperature=0.0)
+    await aredis.xadd(stream, long.dump())
+
+    async def long_started():
+        return await aredis.xlen(long.result_stream)
+
+    await eventually(long_started)
+    short = _request(worker, "Hi", max_tokens=3, temperature=0.0)
+    await aredis.xadd(stream, short.dump())
+    records = await _results(aredis, short)
+    assert records[-1].kind == "done" and records[-1].completion_tokens == 3
+    so_far = [ResultRecord.load(f) for _, f in await aredis.xrange(long.result_stream)]
+    assert not any(r.final for r in so_far), "the long request should still be running"
+    assert (await _results(aredis, long))[-1].completion_tokens == 600

@@ -77,3 +77,33 @@ def test_cancel_ends_a_row_without_stopping_the_others(tiny_lm):
         engine.decode_step(batch)
     assert seqs[0].finish_reason == "cancelled" and len(seqs[0].output_ids) == 1
     assert seqs[1].finish_reason == "length" and len(seqs[1].output_ids) == 8
+
+
+def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
+    """Continuous batching: rows join a running batch and leave when done, and
+    every row's greedy output still equals transformers' generate() for it alone."""
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    lengths = [6, 14, 9, 12]
+    first = [engine.new_sequence(str(i), prompts[i], greedy, lengths[i], ()) for i in (0, 1)]
+    batch = engine.prefill(first)
+    assert batch.joinable
+    for _ in range(3):
+        engine.decode_step(batch)
+    later = [engine.new_sequence(str(i), prompts[i], greedy, lengths[i], ()) for i in (2, 3)]
+    batch = engine.join(batch, engine.prefill(later))
+    everyone = first + later
+    while batch is not None:
+        if not batch.done:
+            engine.decode_step(batch)
+        for seq in batch.seqs:
+            if seq.finished:
+                seq.published = True
+        batch = engine.evict(batch)
+    for seq, prompt in zip(everyone, prompts, strict=True):
+        ref = tiny_lm.model.generate(
+            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens, do_sample=False
+        )[0, len(prompt) :].tolist()
+        assert seq.output_ids == ref[: len(seq.output_ids)], seq.request_id
+        assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_new_tokens

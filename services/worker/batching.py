@@ -1,0 +1,55 @@
+"""Joining sequences into a running batch and dropping finished ones, on the
+KV cache itself: the continuous part of continuous batching.
+
+Rows are left-padded to one width; the attention mask marks the padding.
+Joining pads the shorter side's cache on the left and concatenates rows;
+leaving selects the remaining rows and trims columns that are padding in
+every row. Only caches whose layers all keep every position (plain
+``DynamicLayer``) can be joined this way; a sliding-window cache (Gemma 3)
+is served in whole batches instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def joinable(cache: DynamicCache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def merge_caches(a: DynamicCache, b: DynamicCache, width: int) -> None:
+    """Append ``b``'s rows to ``a`` (in place), both left-padded to ``width`` positions."""
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        assert la.keys is not None and la.values is not None
+        assert lb.keys is not None and lb.values is not None
+        la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
+        la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
+
+
+def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate two [B, T] masks, left-padding the narrower with zeros."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([_left_pad(a, width, 1), _left_pad(b, width, 1)])
+
+
+def keep_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Keep ``rows`` of the cache (in place) and of ``mask``; drop all-padding columns."""
+    mask = mask[rows]
+    used = mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    for layer in cache.layers:
+        assert layer.keys is not None and layer.values is not None
+        layer.keys = layer.keys[rows, :, start:, :]
+        layer.values = layer.values[rows, :, start:, :]
+    return mask[:, start:]
