@@ -45,6 +45,8 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Keep generating past end-of-sequence, up to max_tokens (as vLLM's ignore_eos; benchmarks).
+    ignore_eos: bool = False
 
 
 class Requester(BaseModel):

@@ -122,8 +122,8 @@ class Engine:
         keep = [i for i, s in enumerate(batch.seqs) if not s.published]
         if not keep:
             return None
-        if len(keep) == len(batch.seqs):
-            return batch
+        if len(keep) == len(batch.seqs) or not batch.joinable:
+            return batch  # a sliding-window cache keeps its rows until the batch ends
         rows = torch.tensor(keep, device=batch.attention_mask.device)
         mask = batching.keep_rows(batch.cache, batch.attention_mask, rows)
         return Batch(
@@ -170,7 +170,7 @@ class Engine:
 
     def _accept(self, seq: Sequence, token: int) -> None:
         assert seq.detok is not None and seq.stopper is not None
-        if token in self.lm.eos_ids:
+        if token in self.lm.eos_ids and not seq.params.ignore_eos:
             seq.pending_text += seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
             seq.finish_reason = "stop"
             return

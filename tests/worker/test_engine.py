@@ -107,3 +107,21 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
         )[0, len(prompt) :].tolist()
         assert seq.output_ids == ref[: len(seq.output_ids)], seq.request_id
         assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_new_tokens
+
+
+def test_a_batch_whose_cache_cannot_be_cut_keeps_its_rows_until_all_end(tiny_lm):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0)
+    seqs = [
+        engine.new_sequence(str(i), tiny_lm.encode_prompt(p), greedy, 3 + 5 * i, ())
+        for i, p in enumerate(PROMPTS[:2])
+    ]
+    batch = engine.prefill(seqs)
+    while not seqs[0].finished:
+        engine.decode_step(batch)
+    seqs[0].published = True
+    batch.cache.layers[0].__class__ = DynamicSlidingWindowLayer  # as Gemma 3's cache has
+    assert not batch.joinable
+    assert engine.evict(batch) is batch and len(batch.seqs) == 2
