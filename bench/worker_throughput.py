@@ -264,7 +264,7 @@ def main() -> int:
     torch.manual_seed(0)
     models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"), 96, (16, 96))]
     demo = REPO / "var" / "models" / "gemma-3-270m"
-    if (demo / "config.json").is_file():
+    if (demo / "config.json").is_file() and "--tiny-only" not in sys.argv:
         models.append(("Gemma 3 270M demo model", demo, 24, (8, 32)))
     with contextlib.ExitStack() as stack:
         url = "redis://127.0.0.1:6379/0"

@@ -4,19 +4,33 @@ KV cache itself: the continuous part of continuous batching.
 Rows are left-padded to one width; the attention mask marks the padding.
 Joining pads the shorter side's cache on the left and concatenates rows;
 leaving selects the remaining rows and trims columns that are padding in
-every row. Only caches whose layers all keep every position (plain
-``DynamicLayer``) can be joined this way; a sliding-window cache (Gemma 3)
-is served in whole batches instead.
+every row. Full-attention layers can always be joined; a sliding-window
+layer (Gemma 3) only while its window has not filled, when it still holds
+every position. After that its rows stay together until the batch ends.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+
+def _holds_everything(layer: object) -> bool:
+    if type(layer) is DynamicLayer:
+        return True
+    if type(layer) is DynamicSlidingWindowLayer and layer.keys is not None:
+        return bool(layer.keys.shape[-2] == layer.cumulative_length < layer.sliding_window - 1)
+    return False
 
 
 def joinable(cache: DynamicCache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(_holds_everything(layer) for layer in cache.layers)
+
+
+def _resync(layer: object) -> None:
+    """A sliding-window layer counts the positions it has seen; keep it true."""
+    if isinstance(layer, DynamicSlidingWindowLayer) and layer.keys is not None:
+        layer.cumulative_length = layer.keys.shape[-2]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -35,6 +49,7 @@ def merge_caches(a: DynamicCache, b: DynamicCache, width: int) -> None:
         assert lb.keys is not None and lb.values is not None
         la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
         la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
+        _resync(la)
 
 
 def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,4 +67,5 @@ def keep_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> to
         assert layer.keys is not None and layer.values is not None
         layer.keys = layer.keys[rows, :, start:, :]
         layer.values = layer.values[rows, :, start:, :]
+        _resync(layer)
     return mask[:, start:]

@@ -30,6 +30,7 @@ from bastion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
+CANCEL_CHECK_S = 0.05  # how often cancel marks are read while a batch runs
 Entries = list[tuple[str, dict[str, str] | None]]
 
 
@@ -55,6 +56,7 @@ class Consumer:
         self.waiting: dict[str, Ticket] = {}
         self.running: dict[str, Ticket] = {}
         self.batch: Batch | None = None
+        self._cancels_checked = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; what was taken is still answered first."""
@@ -174,11 +176,21 @@ class Consumer:
         batch = self.batch
         assert batch is not None
         try:
-            await self._apply_cancels(batch)
-            if not batch.done:
-                await asyncio.to_thread(self.engine.decode_step, batch)
-            await self._flush()
-            self.batch = await asyncio.to_thread(self.engine.evict, batch)
+            if time.monotonic() - self._cancels_checked > CANCEL_CHECK_S:
+                await self._apply_cancels(batch)
+                self._cancels_checked = time.monotonic()
+            # Take the last step's output, let finished rows leave, then publish it
+            # while the next step runs: Redis I/O overlaps the forward pass.
+            pipe, ended = self._collect()
+            self.batch = batch = self.engine.evict(batch)  # type: ignore[assignment]
+            step = None
+            if batch is not None and not batch.done:
+                step = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch))
+            try:
+                await self._send(pipe, ended)
+            finally:
+                if step is not None:
+                    await step
         except Exception:
             log.exception("batch of %d sequences failed", len(batch.seqs))
             await self._fail(list(self.running.values()))
@@ -194,8 +206,11 @@ class Consumer:
                 self.engine.cancel(seq)
 
     async def _flush(self) -> None:
-        """Publish every running sequence's new text, and the final record of those that
-        ended; a sequence whose final record is out is acknowledged and deleted."""
+        await self._send(*self._collect())
+
+    def _collect(self) -> tuple[aioredis.client.Pipeline, list[Ticket]]:
+        """Queue every running sequence's new text, and the final record of those that
+        ended (which then count as published), on a pipeline not yet sent."""
         assert self.batch is not None
         pipe = self.redis.pipeline(transaction=False)
         ended: list[Ticket] = []
@@ -216,6 +231,10 @@ class Consumer:
                 _add(pipe, ticket.request, done)
                 seq.published = True
                 ended.append(ticket)
+        return pipe, ended
+
+    async def _send(self, pipe: aioredis.client.Pipeline, ended: list[Ticket]) -> None:
+        """Send the records; a sequence whose final record is out is acknowledged and deleted."""
         await pipe.execute()
         for ticket in ended:
             del self.running[ticket.request.id]

@@ -38,4 +38,8 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    return [sample_row(logits[i], params[i], generators[i]) for i in range(len(params))]
+    chosen = torch.argmax(logits, dim=-1).tolist()  # greedy rows, all at once
+    for i, p in enumerate(params):
+        if p.temperature != 0.0:
+            chosen[i] = sample_row(logits[i], p, generators[i])
+    return [int(c) for c in chosen]

@@ -109,7 +109,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
         assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_new_tokens
 
 
-def test_a_batch_whose_cache_cannot_be_cut_keeps_its_rows_until_all_end(tiny_lm):
+def test_a_batch_whose_window_filled_keeps_its_rows_until_all_end(tiny_lm):
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
     engine = Engine(tiny_lm)
@@ -122,6 +122,50 @@ def test_a_batch_whose_cache_cannot_be_cut_keeps_its_rows_until_all_end(tiny_lm)
     while not seqs[0].finished:
         engine.decode_step(batch)
     seqs[0].published = True
-    batch.cache.layers[0].__class__ = DynamicSlidingWindowLayer  # as Gemma 3's cache has
+    layer = batch.cache.layers[0]
+    layer.__class__ = DynamicSlidingWindowLayer  # as Gemma 3's, with its window filled
+    layer.sliding_window, layer.cumulative_length = 8, 10**6
     assert not batch.joinable
     assert engine.evict(batch) is batch and len(batch.seqs) == 2
+
+
+def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
+    """A Gemma 3-shaped model (sliding and full attention layers) joins rows
+    mid-batch and still matches generate() for each."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from bastion_worker.loader import LoadedModel
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=48, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    lm = LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
+                     tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
+    engine = Engine(lm)
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS[:3]]
+    first = [engine.new_sequence("0", prompts[0], greedy, 8, ())]
+    batch = engine.prefill(first)
+    engine.decode_step(batch)
+    later = [engine.new_sequence(str(i), prompts[i], greedy, 10, ()) for i in (1, 2)]
+    new = engine.prefill(later)
+    assert batch.joinable and new.joinable
+    batch = engine.join(batch, new)
+    everyone = first + later
+    while batch is not None:
+        if not batch.done:
+            engine.decode_step(batch)
+        for seq in batch.seqs:
+            seq.published = seq.published or seq.finished
+        batch = engine.evict(batch)
+    for seq, prompt in zip(everyone, prompts, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens,
+            min_new_tokens=seq.max_new_tokens, do_sample=False,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        assert seq.output_ids == ref, seq.request_id
