@@ -242,6 +242,7 @@ def bench_model(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
+    run_sequential(lm, items[:2], 1)  # warm-up: first calls pay one-off costs
     for c in CONCURRENCY:
         base = run_sequential(lm, items, c)
         base_tps = sum(t.output_tokens for t in base.traces) / base.wall

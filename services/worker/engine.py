@@ -161,6 +161,7 @@ class Engine:
             logits[live],
             [batch.seqs[i].params for i in live],
             [batch.seqs[i].generator for i in live],
+            [(batch.seqs[i].prompt_ids, batch.seqs[i].output_ids) for i in live],
         )
         next_tokens = batch.last_tokens.clone()
         for row, token in zip(live, chosen, strict=True):

@@ -1,4 +1,7 @@
-"""Choosing the next token for each row of a batch, each with its own parameters."""
+"""Choosing the next token for each row of a batch, each with its own parameters:
+temperature, top-k, top-p, a seed, and OpenAI's presence and frequency
+penalties (over generated tokens) and the repetition penalty (over prompt and
+generated tokens, as transformers applies it)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,26 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
+def penalise(
+    logits: torch.Tensor,  # [V]
+    params: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+) -> torch.Tensor:
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if len(seen):
+            picked = logits[seen]
+            logits[seen] = torch.where(
+                picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
+            )
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    return logits
+
+
 def sample_row(
     logits: torch.Tensor,  # [V] float
     params: SamplingParams,
@@ -22,7 +45,11 @@ def sample_row(
 ) -> int:
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -37,9 +64,11 @@ def sample(
     logits: torch.Tensor,  # [B, V]
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
 ) -> list[int]:
-    chosen = torch.argmax(logits, dim=-1).tolist()  # greedy rows, all at once
+    chosen = torch.argmax(logits, dim=-1).tolist()  # plain greedy rows, all at once
     for i, p in enumerate(params):
-        if p.temperature != 0.0:
-            chosen[i] = sample_row(logits[i], p, generators[i])
+        if p.temperature != 0.0 or p.penalised:
+            row = penalise(logits[i], p, *histories[i]) if p.penalised else logits[i]
+            chosen[i] = sample_row(row, p, generators[i])
     return [int(c) for c in chosen]

@@ -169,3 +169,21 @@ def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
             min_new_tokens=seq.max_new_tokens, do_sample=False,
         )[0, len(prompt):].tolist()  # fmt: skip
         assert seq.output_ids == ref, seq.request_id
+
+
+def test_frequency_penalty_and_top_k(tiny_lm):
+    engine = Engine(tiny_lm)
+    prompt = tiny_lm.encode_prompt("Hello")
+
+    def run(**params):
+        seq = engine.new_sequence("p", prompt, SamplingParams(**params), 24, ())
+        _run(engine, [seq])
+        return seq.output_ids
+
+    plain = run(temperature=0.0, ignore_eos=True)
+    penalised = run(temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(set(plain)) < len(plain), "the untrained model repeats itself greedily"
+    assert penalised != plain and len(set(penalised)) > len(set(plain))
+    # top_k=1 samples from one token only: the greedy choice, whatever the seed.
+    assert run(temperature=1.0, top_k=1, seed=3, ignore_eos=True) == plain
+    assert run(temperature=0.0, repetition_penalty=1.3, ignore_eos=True) != plain
