@@ -12,7 +12,7 @@ PB := services/common/pb
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[gateway,guard,auditor,worker,demo,embedded,dev]'
+	$(PIP) install --quiet -e '.[gateway,guard,auditor,worker,quant,demo,embedded,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(PY) -m bench.auth_overhead
 	$(PY) -m bench.guard_latency
 	$(PY) -m bench.guard_eval
+	$(PY) -m bench.worker_throughput
+	$(PY) -m bench.quantization
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .typecheck

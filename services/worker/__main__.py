@@ -22,7 +22,19 @@ async def serve(settings: WorkerSettings) -> None:
     hf_logging.disable_progress_bar()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    lm = await asyncio.to_thread(load, settings.model_path, settings.device, settings.dtype)
+    try:
+        lm = await asyncio.to_thread(
+            load,
+            settings.model_path,
+            settings.device,
+            settings.dtype,
+            settings.quantization,
+            settings.attention,
+            settings.compile,
+        )
+    except RuntimeError as exc:  # an option this machine cannot run: say so and stop
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

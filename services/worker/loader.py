@@ -3,6 +3,7 @@ format: the tokenizer's chat template when it has one, a plain default when not.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +90,63 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load(path: Path, device_choice: str = "auto", dtype_choice: str = "auto") -> LoadedModel:
+def pick_attention(choice: str, device: torch.device) -> str:
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if choice == "flash_attention_2" and not (device.type == "cuda" and has_flash):
+        raise RuntimeError(
+            "BASTION_ATTENTION=flash_attention_2 needs a CUDA device and the flash-attn "
+            "package (pip install '.[flash]' on a CUDA machine); use sdpa here"
+        )
+    return choice
+
+
+def quantization_config(choice: str, dtype: torch.dtype) -> Any:
+    if choice == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"BASTION_QUANTIZATION={choice} needs bitsandbytes (pip install '.[quant]')"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if choice == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+    )
+
+
+def load(
+    path: Path,
+    device_choice: str = "auto",
+    dtype_choice: str = "auto",
+    quantization: str = "none",
+    attention: str = "auto",
+    compile_model: bool = False,
+) -> LoadedModel:
+    """Load the model, failing here (not at the first request) on an option this
+    machine cannot run."""
     if not (path / "config.json").is_file():
         raise RuntimeError(f"No Hugging Face model folder at {path} (config.json is missing)")
     device = pick_device(device_choice)
     dtype = pick_dtype(dtype_choice, device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model.to(device).eval()
+    quant = quantization_config(quantization, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        local_files_only=True,
+        attn_implementation=pick_attention(attention, device),
+        quantization_config=quant,
+        device_map=str(device) if quant is not None else None,
+    )
+    if quant is None:
+        model.to(device)
+    model.eval()
+    if compile_model:
+        model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template
     stops: tuple[str, ...] = ()
     if not isinstance(template, str):
@@ -105,10 +155,12 @@ def load(path: Path, device_choice: str = "auto", dtype_choice: str = "auto") ->
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     log.info(
-        "loaded model=%s device=%s dtype=%s context=%d params=%d",
+        "loaded model=%s device=%s dtype=%s quantization=%s attention=%s context=%d params=%d",
         path.name,
         device,
         dtype,
+        quantization,
+        model.config._attn_implementation,
         context,
         sum(p.numel() for p in model.parameters()),
     )

@@ -20,6 +20,11 @@ class WorkerSettings(CommonSettings):
     model_name: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # bitsandbytes weight quantization (int8 or 4-bit NF4); CPU and CUDA.
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    # auto: FlashAttention-2 where CUDA and flash-attn exist, else PyTorch SDPA.
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    compile: bool = False  # torch.compile the forward pass once at start-up
     max_batch_size: int = Field(8, ge=1, le=256)
     # Prompt tokens prefilled in one step while others decode (a longer prompt
     # still runs when the batch is empty).

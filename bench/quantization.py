@@ -1,0 +1,71 @@
+"""The quantization table: memory, speed and quality of every weight format
+this machine can run, for the tiny model and (when prepared) the demo model.
+
+Quality is perplexity on a fixed local text (this repository's README, first
+512 tokens); speed is greedy decoding of 32 tokens at batch size 1.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bastion_worker.loader import load
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "quantization.md"
+MODES = (("fp32", "float32", "none"), ("bf16", "bfloat16", "none"),
+         ("int8", "float32", "int8"), ("nf4", "float32", "nf4"))  # fmt: skip
+
+
+def _measure(path: Path, dtype: str, quant: str) -> tuple[float, float, float]:
+    lm = load(path, "cpu", dtype, quantization=quant)
+    text = (REPO / "README.md").read_text()
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :512]
+    with torch.inference_mode():
+        loss = lm.model(ids, labels=ids).loss.float().item()
+        prompt = ids[:, :16]
+        lm.model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        lm.model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        tps = 32 / (time.perf_counter() - start)
+    return lm.model.get_memory_footprint() / 2**20, tps, math.exp(loss)
+
+
+def main() -> int:
+    from bastion_worker.tiny_model import build
+
+    models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"))]
+    demo = REPO / "var" / "models" / "gemma-3-270m"
+    if (demo / "config.json").is_file():
+        models.append(("Gemma 3 270M", demo))
+    lines = []
+    for name, path in models:
+        lines += [f"### {name}", "", "| format | memory MiB | tokens/s | perplexity |"]
+        lines.append("|---|---:|---:|---:|")
+        for label, dtype, quant in MODES:
+            try:
+                mib, tps, ppl = _measure(path, dtype, quant)
+            except Exception as exc:  # a format this machine cannot run
+                lines.append(f"| {label} | - | - | not run: {type(exc).__name__} |")
+                continue
+            lines.append(f"| {label} | {mib:.1f} | {tps:.1f} | {ppl:.2f} |")
+        lines.append("")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (
+        f"# Quantization\n\n{when}, CPU, {torch.get_num_threads()} threads. The tiny model "
+        "is untrained: its perplexity only shows that quantization changes it.\n\n"
+    )
+    text += "\n".join(lines)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

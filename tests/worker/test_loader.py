@@ -1,0 +1,46 @@
+"""Start-up options of the model loader: they work, or fail at load with a clear message."""
+
+import pytest
+import torch
+
+from bastion_common.messages import SamplingParams
+from bastion_worker.engine import Engine
+from bastion_worker.loader import load
+
+
+def _greedy(lm, n=6):
+    engine = Engine(lm)
+    seq = engine.new_sequence(
+        "q", lm.encode_prompt("Hello"), SamplingParams(temperature=0.0), n, ()
+    )
+    batch = engine.prefill([seq])
+    while not batch.done:
+        engine.decode_step(batch)
+    return seq
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantized_model_loads_and_generates(tiny_model_path, mode):
+    pytest.importorskip("bitsandbytes")
+    lm = load(tiny_model_path, "cpu", "float32", quantization=mode)
+    assert lm.model.is_quantized
+    seq = _greedy(lm)
+    assert seq.finish_reason in ("length", "stop") and seq.output_ids
+
+
+def test_flash_attention_without_cuda_fails_at_load(tiny_model_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="flash_attention_2 needs a CUDA device"):
+        load(tiny_model_path, "cpu", "float32", attention="flash_attention_2")
+
+
+def test_auto_attention_is_sdpa_on_cpu(tiny_lm):
+    assert tiny_lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_bf16_generates(tiny_model_path):
+    lm = load(tiny_model_path, "cuda", "auto")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert _greedy(lm).output_ids
