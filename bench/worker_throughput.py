@@ -3,7 +3,7 @@
 (a) transformers' model.generate, one request at a time (the naive server);
 (b) transformers' own continuous batching (ContinuousBatchingManager);
 (c) the Bastion worker alone: its real consumer loop on the real Redis;
-(d) Bastion end to end through the gateway: not measured yet (see README);
+(d) Bastion end to end: the four services as processes, clients over HTTP/SSE;
 (e) vLLM's CPU build: measured only when installed (here: skipped).
 
 Each system serves the same fixed-seed workload (bench/workload.py) to C
@@ -228,6 +228,79 @@ async def run_worker(
     return Run("(c) Bastion worker (Redis included)", concurrency, wall, traces)
 
 
+async def run_gateway(
+    tokenizer: object, items: list[Item], concurrency: int, url: str, token: str
+) -> Run:
+    """(d): the same clients against the whole platform over HTTP (SSE)."""
+    import json
+
+    import aiohttp
+
+    queue = list(items)
+    traces: list[Trace] = []
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        while queue:
+            item = queue.pop(0)
+            body = {
+                "model": "bench-model", "prompt": tokenizer.decode(item.prompt_ids),  # type: ignore[attr-defined]
+                "max_tokens": item.output_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True},
+            }  # fmt: skip
+            trace = Trace(time.perf_counter())
+            async with http.post(f"{url}/v1/completions", json=body, headers=headers) as reply:
+                assert reply.status == 200, await reply.text()
+                async for line in reply.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        trace.output_tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["text"]:
+                        trace.tokens.append(time.perf_counter())
+            traces.append(trace)
+
+    start = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return Run(
+        "(d) Bastion end to end (gateway, guard)", concurrency, time.perf_counter() - start, traces
+    )
+
+
+@contextlib.contextmanager
+def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
+    """The four services as processes, serving ``path`` as "bench-model"."""
+    import tempfile
+
+    from bastion_cli.stack import Stack, free_port
+    from bastion_common.tokens import mint
+
+    secret = uuid.uuid4().hex * 2
+    with tempfile.TemporaryDirectory() as data:
+        guard_port = free_port()
+        env = {
+            "BASTION_REDIS_URL": redis_url, "BASTION_KEY_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
+            "BASTION_DATA_DIR": data, "BASTION_JWT_SECRET": secret,
+            "BASTION_MODEL_PATH": str(path), "BASTION_MODEL_NAME": "bench-model",
+            "BASTION_MAX_BATCH_SIZE": str(max_batch), "BASTION_INSECURE_HTTP": "true",
+            "BASTION_PORT": str(free_port()), "BASTION_AUDITOR_PORT": str(free_port()),
+            "BASTION_GUARD_PORT": str(guard_port),
+            "BASTION_GUARD_TARGET": f"127.0.0.1:{guard_port}",
+            "BASTION_LOG_LEVEL": "WARNING",
+        }  # fmt: skip
+        stack = Stack(env, log_dir=Path(data) / "logs")
+        stack.start()
+        try:
+            stack.wait_ready(300)
+            token = mint(secret, subject="bench", role="admin", tenant="bench", issuer="bastion")
+            yield stack.gateway_url, token
+        finally:
+            stack.stop()
+
+
 def bench_model(
     name: str, path: Path, n: int, outputs: tuple[int, int], redis_url: str
 ) -> list[str]:
@@ -243,9 +316,10 @@ def bench_model(
     ]
     notes = []
     run_sequential(lm, items[:2], 1)  # warm-up: first calls pay one-off costs
+    bases = {}
     for c in CONCURRENCY:
         base = run_sequential(lm, items, c)
-        base_tps = sum(t.output_tokens for t in base.traces) / base.wall
+        base_tps = bases[c] = sum(t.output_tokens for t in base.traces) / base.wall
         lines.append(base.row(None))
         cb = run_transformers_cb(lm, items, c)
         if isinstance(cb, Run):
@@ -254,8 +328,13 @@ def bench_model(
             notes.append(f"(b) {cb}")
         lines.append(asyncio.run(run_worker(lm, path, items, c, redis_url)).row(base_tps))
         print("\n".join(lines[-3:]), flush=True)
+    with platform(path, redis_url, max(CONCURRENCY)) as (url, token):
+        for c in CONCURRENCY:
+            asyncio.run(run_gateway(lm.tokenizer, items[:c], c, url, token))  # warm-up
+            lines.append(asyncio.run(run_gateway(lm.tokenizer, items, c, url, token)).row(bases[c]))
+            print(lines[-1], flush=True)
     vllm = "installed" if importlib.util.find_spec("vllm") else "not installed: skipped"
-    notes.append(f"(d) end to end through the gateway: not measured yet. (e) vLLM: {vllm}.")
+    notes.append(f"(e) vLLM's CPU build: {vllm}.")
     return [*lines, "", *notes, ""]
 
 

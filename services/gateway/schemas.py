@@ -41,6 +41,8 @@ class _Common(BaseModel):
     user: str | None = Field(None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extension: generate max_tokens tokens whatever the model says (benchmarks).
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -61,6 +63,7 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty,
             stop=tuple(stop),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 
