@@ -198,7 +198,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         "secret_exfiltration",
         0.8,
         re.compile(
-            r"\b(?:list|print|show|paste|give|output|fetch|dump|send|export|reveal|email|tell\s+me|provide|read\s+out)\b[^.\n]{0,50}\b(?:every|all|full|complete|unmasked|the)\b[^.\n]{0,30}\b(?:api\s+keys?|access\s+tokens?|tokens?|passwords?|credentials|secrets|environment\s+variables?|connection\s+strings?|customer\s+(?:list|accounts)|salar(?:y|ies)|patient\s+(?:names|records))",
+            r"\b(?:list|print|show|paste|give|output|fetch|dump|send|export|reveal|email|tell\s+me|provide|read\s+out)\b[^.\n]{0,50}\b(?:every|all|full|complete|unmasked|the)\b[^.\n]{0,30}\b(?:api\s+keys?|(?:access|api|auth|bearer|bot|session|refresh|github|slack)\s+tokens?|passwords?|credentials|secrets|environment\s+variables?|connection\s+strings?|customer\s+(?:list|accounts)|salar(?:y|ies)|patient\s+(?:names|records))",
             IC,
         ),
     ),
