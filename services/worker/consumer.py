@@ -57,6 +57,7 @@ class Consumer:
         self.running: dict[str, Ticket] = {}
         self.batch: Batch | None = None
         self._cancels_checked = 0.0
+        self.preemptions = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; what was taken is still answered first."""
@@ -152,10 +153,12 @@ class Consumer:
         if not self.waiting or (self.batch is not None and not self.batch.joinable):
             return
         queue = [
-            Waiting(t.request.id, len(t.seq.prompt_ids), t.arrived, t.request.priority)
+            Waiting(t.request.id, _context(t.seq), t.arrived, t.request.priority)
             for t in self.waiting.values()
         ]
-        chosen = admit(queue, len(self.running), time.monotonic(), self.config)
+        chosen = self._within_kv_budget(
+            admit(queue, len(self.running), time.monotonic(), self.config)
+        )
         tickets = [self.waiting.pop(w.request_id) for w in chosen]
         if not tickets:
             return
@@ -172,6 +175,36 @@ class Consumer:
             self.batch = await asyncio.to_thread(self.engine.join, self.batch, new)
         await self._flush()
 
+    def _within_kv_budget(self, chosen: list[Waiting]) -> list[Waiting]:
+        """Drop the last of ``chosen`` until the batch they make fits the KV budget
+        (one sequence always runs on an empty batch)."""
+        budget = self.settings.kv_budget_tokens
+        rows, width = (0, 0) if self.batch is None else self.batch.attention_mask.shape
+        while budget and chosen and (self.batch is not None or len(chosen) > 1):
+            wide = max(int(width), *(w.prompt_tokens for w in chosen))
+            if (int(rows) + len(chosen)) * (wide + 1) <= budget:
+                break
+            chosen = chosen[:-1]
+        return chosen
+
+    def _preempt_over_budget(self) -> None:
+        """While the next step would overflow the KV budget, send the newest,
+        lowest-priority running sequence back to wait; it resumes by recomputation."""
+        budget = self.settings.kv_budget_tokens
+        while budget and self.batch is not None and self.batch.joinable:
+            live = [s for s in self.batch.seqs if not s.finished]
+            if len(live) < 2 or self.batch.kv_tokens + len(self.batch.seqs) <= budget:
+                return
+            victim = max(
+                live,
+                key=lambda s: (-self.running[s.request_id].request.priority,
+                               self.running[s.request_id].arrived),
+            )  # fmt: skip
+            self.batch = self.engine.preempt(self.batch, victim)
+            self.waiting[victim.request_id] = self.running.pop(victim.request_id)
+            self.preemptions += 1
+            log.info("preempted %s at %d tokens", victim.request_id, len(victim.output_ids))
+
     async def _step(self) -> None:
         batch = self.batch
         assert batch is not None
@@ -182,7 +215,9 @@ class Consumer:
             # Take the last step's output, let finished rows leave, then publish it
             # while the next step runs: Redis I/O overlaps the forward pass.
             pipe, ended = self._collect()
-            self.batch = batch = self.engine.evict(batch)  # type: ignore[assignment]
+            self.batch = self.engine.evict(batch)
+            self._preempt_over_budget()
+            batch = self.batch  # type: ignore[assignment]
             step = None
             if batch is not None and not batch.done:
                 step = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch))
@@ -275,3 +310,8 @@ def _error_fields(exc: BastionError) -> dict[str, str | None]:
         "error_message": exc.message,
         "error_code": exc.code,
     }
+
+
+def _context(seq: Sequence) -> int:
+    """Tokens a (re)prefill of ``seq`` covers: its prompt and what it has generated."""
+    return len(seq.prompt_ids) + len(seq.output_ids)

@@ -59,6 +59,12 @@ class Batch:
     def joinable(self) -> bool:
         return batching.joinable(self.cache)
 
+    @property
+    def kv_tokens(self) -> int:
+        """Cached positions, padding included: rows times width."""
+        rows, width = self.attention_mask.shape
+        return int(rows * width)
+
 
 class Engine:
     def __init__(self, lm: LoadedModel) -> None:
@@ -80,13 +86,15 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> Batch:
+        """Prefill prompts, plus what a preempted sequence had already generated."""
         device = self.lm.device
-        width = max(len(s.prompt_ids) for s in seqs)
+        contexts = [s.prompt_ids + s.output_ids for s in seqs]
+        width = max(len(c) for c in contexts)
         ids = torch.full((len(seqs), width), self.lm.pad_id, dtype=torch.long)  # [B, T]
         mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
-        for row, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            ids[row, width - n :] = torch.tensor(seq.prompt_ids)
+        for row, context in enumerate(contexts):
+            n = len(context)
+            ids[row, width - n :] = torch.tensor(context)
             mask[row, width - n :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
@@ -119,7 +127,15 @@ class Engine:
     @torch.inference_mode()
     def evict(self, batch: Batch) -> Batch | None:
         """Drop the rows whose sequences have finished and been published."""
-        keep = [i for i, s in enumerate(batch.seqs) if not s.published]
+        return self._keep(batch, [i for i, s in enumerate(batch.seqs) if not s.published])
+
+    @torch.inference_mode()
+    def preempt(self, batch: Batch, seq: Sequence) -> Batch | None:
+        """Take an unfinished sequence out to free its KV memory; prefilling it
+        again later (prompt plus its output so far) resumes it exactly."""
+        return self._keep(batch, [i for i, s in enumerate(batch.seqs) if s is not seq])
+
+    def _keep(self, batch: Batch, keep: list[int]) -> Batch | None:
         if not keep:
             return None
         if len(keep) == len(batch.seqs) or not batch.joinable:

@@ -29,6 +29,10 @@ class WorkerSettings(CommonSettings):
     # Prompt tokens prefilled in one step while others decode (a longer prompt
     # still runs when the batch is empty).
     prefill_budget: int = Field(2048, ge=1)
+    # Most cached positions (rows x width, padding included) the batch may hold;
+    # past it the newest, lowest-priority sequence is preempted and resumed
+    # later by recomputation. 0: no limit.
+    kv_budget_tokens: int = Field(0, ge=0)
     # Used when a request gives no max_tokens (still capped by the context).
     default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)

@@ -148,3 +148,36 @@ async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, ar
     so_far = [ResultRecord.load(f) for _, f in await aredis.xrange(long.result_stream)]
     assert not any(r.final for r in so_far), "the long request should still be running"
     assert (await _results(aredis, long))[-1].completion_tokens == 600
+
+
+async def _serve_all(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, **settings_overrides):
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
+        worker_id=f"w-{uuid.uuid4().hex[:6]}", **settings_overrides,
+    )  # fmt: skip
+    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    prompts = ["Hello, world!", "你好，世界！", "The gateway checks every request", "abc"]
+    reqs = [_request(settings, p, max_tokens=40, temperature=0.0, ignore_eos=True) for p in prompts]
+    for req in reqs:
+        await aredis.xadd(settings.keys.requests(settings.served_name), req.dump())
+    texts = []
+    for req in reqs:
+        records = await _results(aredis, req)
+        assert records[-1].kind == "done" and records[-1].completion_tokens == 40
+        texts.append("".join(r.text for r in records))
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    return texts, consumer.preemptions
+
+
+async def test_kv_budget_preempts_and_resumes_with_the_same_output(
+    tiny_lm, tiny_model_path, key_prefix, redis_url, aredis
+):
+    free, none = await _serve_all(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis)
+    tight, preempted = await _serve_all(
+        tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, kv_budget_tokens=130
+    )
+    assert none == 0 and preempted > 0
+    assert tight == free  # recomputation resumes every sequence exactly
