@@ -48,10 +48,6 @@ class Analysis:
     def verdict(self, rules: GuardRules = DEFAULT_RULES) -> Verdict:
         return decide(((kind, score) for kind, score, _ in self.reported(rules)), rules)
 
-    @property
-    def blocked(self) -> bool:
-        return self.verdict() == "block"
-
 
 def analyse(text: str, direction: str = "input", with_entities: bool = True) -> Analysis:
     return Analysis(
