@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import sys
 import time
 import uuid
@@ -35,17 +34,11 @@ from bastion_gateway import keys as app_keys
 from bastion_gateway.app import create_app
 from bastion_gateway.limits import RateLimiter
 from bastion_gateway.settings import GatewaySettings
+from bench.report import p50_p99_ms, publish
 
-RESULTS = Path(__file__).parent / "results" / "auth_overhead.md"
 SECRET = "bench-" + "s" * 42
 N_HTTP = 2000
 N_UNIT = 3000
-
-
-def _stats(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return statistics.median(ordered) * 1000, p99 * 1000
 
 
 async def _time(n: int, call: Callable[[], Awaitable[object]]) -> tuple[float, float]:
@@ -56,7 +49,7 @@ async def _time(n: int, call: Callable[[], Awaitable[object]]) -> tuple[float, f
         start = time.perf_counter()
         await call()
         samples.append(time.perf_counter() - start)
-    return _stats(samples)
+    return p50_p99_ms(samples)
 
 
 async def _http_rows(redis_url: str, prefix: str) -> list[tuple[str, float, float]]:
@@ -148,7 +141,7 @@ async def _unit_rows(redis_url: str, prefix: str) -> list[tuple[str, float, floa
             await limiter.release(principal, admission, 5)
 
         both = await _time(N_UNIT, admit_release)
-        rows.append(("Rate limits: admit (1 Lua call)", *_stats(admit_times)))
+        rows.append(("Rate limits: admit (1 Lua call)", *p50_p99_ms(admit_times)))
         rows.append(("Rate limits: admit + release (2 Lua calls)", *both))
     finally:
         await redis.aclose()
@@ -198,14 +191,8 @@ def main() -> int:
         if not redis_answers(url):
             url = stack.enter_context(embedded_valkey(Path("var") / "bench-valkey"))
         table = asyncio.run(_run(url))
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    header = (
-        f"# Auth and rate-limit overhead\n\n{when}, {N_HTTP} HTTP requests / {N_UNIT} calls "
-        "each, keep-alive, one client.\n\n"
-    )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(header + table + "\n")
-    print(header + table)
+    setting = f"{N_HTTP} HTTP requests / {N_UNIT} calls each, keep-alive, one client."
+    publish("auth_overhead.md", "Auth and rate-limit overhead", setting, table)
     return 0
 
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from bastion_guard.analysis import analyse
+from bench.report import RESULTS
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO.parent / "shared" / "eval" / "guard"
-RESULTS = REPO / "bench" / "results"
 
 
 def main(argv: list[str]) -> int:

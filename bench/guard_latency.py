@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -24,10 +23,10 @@ from bastion_guard.redact import StreamRedactor
 from bastion_guard.sanitise import sanitise
 from bastion_guard.server import start as start_guard
 from bastion_guard.settings import GuardSettings
+from bench.report import p50_p99_ms, publish
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO.parent / "shared" / "eval" / "guard" / "dev.jsonl"
-RESULTS = REPO / "bench" / "results" / "guard_latency.md"
 N = 2000
 CHUNK = 4  # characters per output chunk, about one token
 
@@ -49,11 +48,6 @@ def _corpus() -> dict[str, str]:
     return {name: text[:2048] for name, text in texts.items()}
 
 
-def _stats(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered) * 1000, ordered[int(len(ordered) * 0.99)] * 1000
-
-
 def _time(n: int, call: Callable[[], object]) -> tuple[float, float]:
     for _ in range(min(100, n)):
         call()
@@ -62,7 +56,7 @@ def _time(n: int, call: Callable[[], object]) -> tuple[float, float]:
         start = time.perf_counter()
         call()
         samples.append(time.perf_counter() - start)
-    return _stats(samples)
+    return p50_p99_ms(samples)
 
 
 def _per_chunk(text: str) -> tuple[float, float]:
@@ -73,7 +67,7 @@ def _per_chunk(text: str) -> tuple[float, float]:
             start = time.perf_counter()
             redactor.feed(text[i : i + CHUNK])
             samples.append(time.perf_counter() - start)
-    return _stats(samples)
+    return p50_p99_ms(samples)
 
 
 async def _grpc_rows(prompts: dict[str, str]) -> list[tuple[str, float, float]]:
@@ -92,7 +86,7 @@ async def _grpc_rows(prompts: dict[str, str]) -> list[tuple[str, float, float]]:
                     await stub.CheckInput(request)
                     if i >= 50:
                         samples.append(time.perf_counter() - start)
-                rows.append((f"gRPC CheckInput, 2 KB {name}", *_stats(samples)))
+                rows.append((f"gRPC CheckInput, 2 KB {name}", *p50_p99_ms(samples)))
             text = next(iter(prompts.values()))
             call = stub.FilterOutput()
             samples = []
@@ -104,7 +98,7 @@ async def _grpc_rows(prompts: dict[str, str]) -> list[tuple[str, float, float]]:
             await call.write(guard_pb2.OutputChunk(request_id="b", final=True))
             await call.read()
             await call.done_writing()
-            rows.append(("gRPC FilterOutput, per 4-char chunk (round trip)", *_stats(samples)))
+            rows.append(("gRPC FilterOutput, per 4-char chunk (round trip)", *p50_p99_ms(samples)))
     finally:
         await server.stop(None)
     return rows
@@ -132,12 +126,7 @@ def main() -> int:
     lines.append(
         "Targets: input check p50 <= 1 ms and p99 <= 5 ms for 2 KB; output <= 0.2 ms per chunk."
     )
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = f"# Guard latency\n\n{when}, {N} runs each, one process, 2-core machine.\n\n"
-    text += "\n".join(lines) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
+    publish("guard_latency.md", "Guard latency", f"{N} runs each, one process.", "\n".join(lines))
     return 0
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bastion_worker.loader import load
+from bench.report import publish
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "quantization.md"
 MODES = (("fp32", "float32", "none"), ("bf16", "bfloat16", "none"),
          ("int8", "float32", "int8"), ("nf4", "float32", "nf4"))  # fmt: skip
 
@@ -55,15 +55,11 @@ def main() -> int:
                 continue
             lines.append(f"| {label} | {mib:.1f} | {tps:.1f} | {ppl:.2f} |")
         lines.append("")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = (
-        f"# Quantization\n\n{when}, CPU, {torch.get_num_threads()} threads. The tiny model "
-        "is untrained: its perplexity only shows that quantization changes it.\n\n"
+    setting = (
+        f"CPU, {torch.get_num_threads()} threads. The tiny model is untrained: "
+        "its perplexity only shows that quantization changes it."
     )
-    text += "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
+    publish("quantization.md", "Quantization", setting, "\n".join(lines))
     return 0
 
 

@@ -33,10 +33,10 @@ from bastion_worker.consumer import Consumer
 from bastion_worker.engine import Engine
 from bastion_worker.loader import LoadedModel, load
 from bastion_worker.settings import WorkerSettings
+from bench.report import publish
 from bench.workload import Item, make
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "worker_throughput.md"
 CONCURRENCY = (1, 8, 32)
 
 
@@ -353,16 +353,17 @@ def main() -> int:
         sections = []
         for name, path, n, outputs in models:
             sections += bench_model(name, path, n, outputs, url)
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = f"# Worker throughput\n\n{when}, {torch.get_num_threads()} torch threads.\n\n"
-    text += "\n".join(sections)
-    if "Gemma" not in text:
-        text += (
+    body = "\n".join(sections)
+    if len(models) == 1:
+        body += (
             "\nThe demo model was not prepared (run `make run` once); only the tiny model ran.\n"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
+    publish(
+        "worker_throughput.md",
+        "Worker throughput",
+        f"{torch.get_num_threads()} torch threads.",
+        body,
+    )
     return 0
 
 

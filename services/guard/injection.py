@@ -353,13 +353,7 @@ def _leading(alt: str) -> list[str] | None:
             rest = a[j + 1 :]
             if rest.startswith("?") or rest.startswith("*") or rest.startswith("{0"):
                 return None
-            kws = []
-            for sub in _split_top(inner):
-                k = _leading(sub)
-                if k is None:
-                    return None
-                kws += k
-            return kws
+            return _any_of(inner)
         break
     phrase = ""
     while True:
@@ -378,14 +372,20 @@ def _leading(alt: str) -> list[str] | None:
     return [phrase.lower()] if phrase else None
 
 
-def _keywords(pattern: str) -> tuple[str, ...] | None:
-    kws = []
-    for alt in _split_top(pattern):
+def _any_of(alternation: str) -> list[str] | None:
+    """The literals of every top-level alternative, or None if one has none."""
+    kws: list[str] = []
+    for alt in _split_top(alternation):
         k = _leading(alt)
         if k is None:
             return None
         kws += k
-    return tuple(sorted(set(kws)))
+    return kws
+
+
+def _keywords(pattern: str) -> tuple[str, ...] | None:
+    kws = _any_of(pattern)
+    return None if kws is None else tuple(sorted(set(kws)))
 
 
 # Where the derivation is too loose ("as" before "DAN"), a rule names its own gate.
