@@ -13,8 +13,8 @@ from aiohttp import web
 
 from bastion_auditor.settings import AuditorSettings
 from bastion_auditor.store import FILTERS, AuditStore
-from bastion_common.errors import AuthenticationError, BastionError, InvalidRequestError
-from bastion_common.jwtauth import JwtVerifier
+from bastion_common.errors import BastionError, InvalidRequestError
+from bastion_common.jwtauth import JwtVerifier, bearer_token
 from bastion_common.policy import Policy
 
 STORE = web.AppKey("store", AuditStore)
@@ -39,10 +39,8 @@ async def audit_requests(request: web.Request) -> web.Response:
 
 
 async def _authorise(request: web.Request) -> None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing bearer token.", code="missing_api_key")
-    principal = await request.app[VERIFIER].verify(token.strip())
+    token = bearer_token(request.headers.get("Authorization", ""))
+    principal = await request.app[VERIFIER].verify(token)
     request.app[POLICY].require(principal, "audit:read")
 
 

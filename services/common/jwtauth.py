@@ -31,6 +31,17 @@ Algorithm = Literal["HS256", "RS256", "ES256"]
 JWKS_REFETCH_MIN_S = 10.0
 
 
+def bearer_token(authorization: str) -> str:
+    """The credential of an ``Authorization: Bearer <credential>`` header value."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError(
+            "Missing bearer token: send 'Authorization: Bearer <token>'.", code="missing_api_key"
+        )
+    return token
+
+
 class KeyFile(BaseModel):
     """A verification key in a file: a PEM public key (RS256/ES256) or an HS256 secret."""
 

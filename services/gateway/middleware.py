@@ -17,6 +17,7 @@ from bastion_common.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
+from bastion_common.jwtauth import bearer_token
 from bastion_gateway import keys
 from bastion_gateway.apikeys import looks_like_api_key
 
@@ -91,12 +92,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         raise request.match_info.http_exception  # 404/405 before asking for credentials
     if "access_token" in request.query or "api_key" in request.query:
         raise AuthenticationError("Credentials are not accepted in the query string.")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError(
-            "Missing bearer token: send 'Authorization: Bearer <token>'.", code="missing_api_key"
-        )
+    token = bearer_token(request.headers.get("Authorization", ""))
     if looks_like_api_key(token):
         principal = await request.app[keys.API_KEYS].verify(token)
     else:

@@ -49,9 +49,15 @@ class Analysis:
         return decide(((kind, score) for kind, score, _ in self.reported(rules)), rules)
 
 
-def analyse(text: str, direction: str = "input", with_entities: bool = True) -> Analysis:
+def analyse(
+    text: str,
+    direction: str = "input",
+    with_entities: bool = True,
+    visible: str | None = None,
+) -> Analysis:
+    """``visible``: the sanitised text, when the caller has it already."""
     return Analysis(
         entities=find_entities(text) if with_entities else [],
-        findings=detect(text),
+        findings=detect(text, visible),
         anomaly=anomaly.score(text) if direction == "input" else 0.0,
     )

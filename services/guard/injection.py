@@ -451,10 +451,11 @@ def _structural(text: str) -> list[Finding]:
     return found
 
 
-def detect(text: str) -> list[Finding]:
+def detect(text: str, visible: str | None = None) -> list[Finding]:
+    """Findings on ``text``; ``visible`` is its sanitised form when already known."""
     findings = _structural(text)
     seen: set[str] = set()
-    for name, view in views(text):
+    for name, view in views(text, visible):
         words = " " + _WORDS.sub(" ", view.lower())
         for kind, score, rule, gate in GATED:
             if kind in seen or not _gate_open(gate, words):

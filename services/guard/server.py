@@ -62,7 +62,8 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                         )
                     )
             # Detection reads the original: hidden characters are evidence, not noise.
-            findings.extend(_findings(analyse(segment.text, "input", with_entities=False), rules))
+            result = analyse(segment.text, "input", with_entities=False, visible=clean.text)
+            findings.extend(_findings(result, rules))
             sanitised.append(guard_pb2.Segment(role=segment.role, text=clean.text))
         size = await self._size_anomaly(request, rules)
         if size:

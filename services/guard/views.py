@@ -94,9 +94,10 @@ def joined_fragments(text: str) -> Iterator[str]:
         yield " ".join(parts)
 
 
-def views(text: str) -> Iterator[tuple[str, str]]:
+def views(text: str, visible: str | None = None) -> Iterator[tuple[str, str]]:
     """(name, text) pairs to run the detectors on; the first is the visible text."""
-    visible = sanitise(text).text
+    if visible is None:  # the caller may have sanitised already
+        visible = sanitise(text).text
     yield "visible", visible
     hidden = "".join(chr(ord(ch) - 0xE0000) for ch in "".join(_TAGS.findall(text)))
     if hidden:
