@@ -4,7 +4,7 @@
 (b) transformers' own continuous batching (ContinuousBatchingManager);
 (c) the Bastion worker alone: its real consumer loop on the real Redis;
 (d) Bastion end to end: the four services as processes, clients over HTTP/SSE;
-(e) vLLM's CPU build: measured only when installed (here: skipped).
+(e) vLLM's CPU build: not run by this script yet; it says whether vLLM is installed.
 
 Each system serves the same fixed-seed workload (bench/workload.py) to C
 closed-loop clients (a client sends its next request when the last ends),
@@ -333,7 +333,11 @@ def bench_model(
             asyncio.run(run_gateway(lm.tokenizer, items[:c], c, url, token))  # warm-up
             lines.append(asyncio.run(run_gateway(lm.tokenizer, items, c, url, token)).row(bases[c]))
             print(lines[-1], flush=True)
-    vllm = "installed" if importlib.util.find_spec("vllm") else "not installed: skipped"
+    vllm = (
+        "installed, but not run by this bench yet"
+        if importlib.util.find_spec("vllm")
+        else "not installed: skipped"
+    )
     notes.append(f"(e) vLLM's CPU build: {vllm}.")
     return [*lines, "", *notes, ""]
 
