@@ -31,6 +31,7 @@ async def serve(settings: WorkerSettings) -> None:
             settings.quantization,
             settings.attention,
             settings.compile,
+            settings.linear,
         )
     except RuntimeError as exc:  # an option this machine cannot run: say so and stop
         log.error("cannot start: %s", exc)

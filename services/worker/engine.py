@@ -86,7 +86,19 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> Batch:
-        """Prefill prompts, plus what a preempted sequence had already generated."""
+        """Prefill prompts, plus what a preempted sequence had already generated:
+        in passes of similar length (less padding computed) joined into one batch."""
+        lengths = [len(s.prompt_ids) + len(s.output_ids) for s in seqs]
+        if not batching.joinable_after_prefill(self.lm.model.config, max(lengths)):
+            return self._prefill(seqs)
+        batch: Batch | None = None
+        for group in batching.length_groups(lengths):
+            new = self._prefill([seqs[i] for i in group])
+            batch = new if batch is None else self.join(batch, new)
+        assert batch is not None
+        return batch
+
+    def _prefill(self, seqs: list[Sequence]) -> Batch:
         device = self.lm.device
         contexts = [s.prompt_ids + s.output_ids for s in seqs]
         width = max(len(c) for c in contexts)

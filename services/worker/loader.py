@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bastion_common.errors import InvalidRequestError
 from bastion_common.messages import ChatMessage
+from bastion_worker import onednn
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,21 @@ def quantization_config(choice: str, dtype: torch.dtype) -> Any:
     )
 
 
+def pick_linear(choice: str, device: torch.device, dtype: torch.dtype, quantization: str) -> str:
+    """``onednn`` (weights packed at load) for unquantized fp32 on the CPU, else dense."""
+    fits = device.type == "cpu" and dtype == torch.float32 and quantization == "none"
+    if choice == "auto":
+        return "onednn" if fits and onednn.available() else "dense"
+    if choice == "onednn" and not fits:
+        raise RuntimeError(
+            "BASTION_LINEAR=onednn runs unquantized float32 models on the CPU only; "
+            "use dense or auto here"
+        )
+    if choice == "onednn" and not onednn.available():
+        raise RuntimeError("BASTION_LINEAR=onednn needs a torch build with oneDNN (mkldnn)")
+    return choice
+
+
 def load(
     path: Path,
     device_choice: str = "auto",
@@ -125,6 +141,7 @@ def load(
     quantization: str = "none",
     attention: str = "auto",
     compile_model: bool = False,
+    linear: str = "auto",
 ) -> LoadedModel:
     """Load the model, failing here (not at the first request) on an option this
     machine cannot run."""
@@ -134,6 +151,7 @@ def load(
     dtype = pick_dtype(dtype_choice, device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     quant = quantization_config(quantization, dtype)
+    linear = pick_linear(linear, device, dtype, quantization)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
@@ -145,6 +163,8 @@ def load(
     if quant is None:
         model.to(device)
     model.eval()
+    if linear == "onednn":
+        linear = f"onednn ({onednn.pack_linears(model)} layers packed)"
     if compile_model:
         model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template
@@ -155,12 +175,14 @@ def load(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     log.info(
-        "loaded model=%s device=%s dtype=%s quantization=%s attention=%s context=%d params=%d",
+        "loaded model=%s device=%s dtype=%s quantization=%s attention=%s linear=%s context=%d "
+        "params=%d",
         path.name,
         device,
         dtype,
         quantization,
         model.config._attn_implementation,
+        linear,
         context,
         sum(p.numel() for p in model.parameters()),
     )

@@ -187,3 +187,21 @@ def test_frequency_penalty_and_top_k(tiny_lm):
     # top_k=1 samples from one token only: the greedy choice, whatever the seed.
     assert run(temperature=1.0, top_k=1, seed=3, ignore_eos=True) == plain
     assert run(temperature=0.0, repetition_penalty=1.3, ignore_eos=True) != plain
+
+
+def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(tiny_lm):
+    from bastion_worker import batching
+
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0)
+    text = " ".join(PROMPTS[2] for _ in range(12))
+    ids = [tiny_lm.encode_prompt(text)[:n] for n in (3, 120, 9, 64, 40, 100, 20, 80)]
+    assert len(batching.length_groups([len(x) for x in ids])) > 1
+    seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
+    batch = _run(engine, seqs)
+    assert sorted(s.request_id for s in batch.seqs) == sorted(s.request_id for s in seqs)
+    for seq, prompt in zip(seqs, ids, strict=True):
+        ref = tiny_lm.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
+        assert seq.output_ids == ref[: len(seq.output_ids)]

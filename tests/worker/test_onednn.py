@@ -1,0 +1,62 @@
+"""oneDNN-packed linear layers: the same numbers as nn.Linear, chosen at load."""
+
+import pytest
+import torch
+from torch import nn
+
+from bastion_common.messages import SamplingParams
+from bastion_worker import onednn
+from bastion_worker.engine import Engine
+from bastion_worker.loader import load
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 7, 64), (1, 1, 64)])
+def test_packed_linear_matches_nn_linear(bias, shape):
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96, bias=bias)
+    packed = onednn.PackedLinear(dense)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_large_enough_layers_are_packed():
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Sequential(nn.Linear(8, 8)))
+    assert onednn.pack_linears(model) == 1
+    assert isinstance(model[0], onednn.PackedLinear)
+    assert type(model[1][0]) is nn.Linear
+
+
+def _greedy(lm, prompt, n=12):
+    engine = Engine(lm)
+    seq = engine.new_sequence("q", lm.encode_prompt(prompt), SamplingParams(temperature=0.0), n, ())
+    batch = engine.prefill([seq])
+    while not batch.done:
+        engine.decode_step(batch)
+    return seq.output_ids
+
+
+def test_fully_packed_model_generates_what_the_dense_one_does(tiny_model_path):
+    dense = load(tiny_model_path, "cpu", "float32", linear="dense")
+    packed = load(tiny_model_path, "cpu", "float32", linear="dense")
+    assert onednn.pack_linears(packed.model, min_elements=0) > 0  # every layer, head included
+    for prompt in ("Hello, world!", "The gateway checks every request before it"):
+        assert _greedy(packed, prompt) == _greedy(dense, prompt)
+
+
+def test_onednn_refuses_a_quantized_model_at_load(tiny_model_path):
+    with pytest.raises(RuntimeError, match="BASTION_LINEAR=onednn runs unquantized float32"):
+        load(tiny_model_path, "cpu", "float32", quantization="int8", linear="onednn")
+
+
+def test_auto_picks_onednn_for_float32_on_the_cpu():
+    from bastion_worker.loader import pick_linear
+
+    cpu = torch.device("cpu")
+    assert pick_linear("auto", cpu, torch.float32, "none") == "onednn"
+    assert pick_linear("auto", cpu, torch.bfloat16, "none") == "dense"
+    assert pick_linear("auto", cpu, torch.float32, "nf4") == "dense"
+    assert pick_linear("dense", cpu, torch.float32, "none") == "dense"
