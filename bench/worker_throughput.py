@@ -4,7 +4,7 @@
 (b) transformers' own continuous batching (ContinuousBatchingManager);
 (c) the Bastion worker alone: its real consumer loop on the real Redis;
 (d) Bastion end to end: the four services as processes, clients over HTTP/SSE;
-(e) vLLM's CPU build: not run by this script yet; it says whether vLLM is installed.
+(e) vLLM's CPU build, from a side environment (``make vllm-env``), when there.
 
 Each system serves the same fixed-seed workload (bench/workload.py) to C
 closed-loop clients (a client sends its next request when the last ends),
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import os
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +30,17 @@ import torch
 
 from bastion_cli.stack import embedded_valkey, redis_answers
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
-from bastion_worker.consumer import Consumer
-from bastion_worker.engine import Engine
 from bastion_worker.loader import LoadedModel, load
 from bastion_worker.settings import WorkerSettings
-from bench.report import publish
+from bench.report import RESULTS, publish
 from bench.workload import Item, make
 
 REPO = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 8, 32)
+VLLM_START_S = 900  # its first start compiles the model
+SEQUENTIAL = "(a) sequential generate"
+E2E = "(d) Bastion end to end (gateway, guard)"
+VLLM = "(e) vLLM CPU build"
 
 
 @dataclass
@@ -54,18 +57,21 @@ class Run:
     wall: float
     traces: list[Trace]
 
-    def row(self, baseline: float | None) -> str:
-        tokens = sum(t.output_tokens for t in self.traces)
-        tps = tokens / self.wall
+    @property
+    def tps(self) -> float:
+        return sum(t.output_tokens for t in self.traces) / self.wall
+
+    def row(self, base_a: float, base_e: float | None = None) -> str:
         ttft = sorted(t.tokens[0] - t.issued for t in self.traces if t.tokens)
         itl = sorted(
             b - a for t in self.traces for a, b in zip(t.tokens, t.tokens[1:], strict=False)
         )
-        ratio = f"{tps / baseline:.2f}x" if baseline else "1.00x"
+        vs_e = f"{self.tps / base_e:.2f}x" if base_e else "-"
         rps = len(self.traces) / self.wall
         return (
-            f"| {self.system} | {self.concurrency} | {tps:.1f} | {rps:.2f} | "
-            f"{_ms(ttft, 0.5)} | {_ms(ttft, 0.99)} | {_ms(itl, 0.5)} | {_ms(itl, 0.99)} | {ratio} |"
+            f"| {self.system} | {self.concurrency} | {self.tps:.1f} | {rps:.2f} | "
+            f"{_ms(ttft, 0.5)} | {_ms(ttft, 0.99)} | {_ms(itl, 0.5)} | {_ms(itl, 0.99)} | "
+            f"{self.tps / base_a:.2f}x | {vs_e} |"
         )
 
 
@@ -111,7 +117,7 @@ def run_sequential(lm: LoadedModel, items: list[Item], concurrency: int) -> Run:
             )
         ends.append(time.perf_counter())
         traces.append(trace)
-    return Run("(a) sequential generate", concurrency, time.perf_counter() - start, traces)
+    return Run(SEQUENTIAL, concurrency, time.perf_counter() - start, traces)
 
 
 def run_transformers_cb(lm: LoadedModel, items: list[Item], concurrency: int) -> Run | str:
@@ -168,28 +174,57 @@ def run_transformers_cb(lm: LoadedModel, items: list[Item], concurrency: int) ->
     )
 
 
-async def run_worker(
-    lm: LoadedModel, model_path: Path, items: list[Item], concurrency: int, redis_url: str
-) -> Run:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
+    """``python -m bastion_worker`` on ``path`` in its own process, as deployed (and
+    as vLLM's server runs in (e)); yields its settings once it has registered."""
+    import signal
+    import subprocess
+
+    import redis as sync_redis
+
     settings = WorkerSettings(
-        model_path=model_path, key_prefix=prefix, redis_url=redis_url,
-        max_batch_size=max(concurrency, 1), worker_id="bench",
+        model_path=path, key_prefix=f"bench-{uuid.uuid4().hex[:8]}", redis_url=redis_url,
+        max_batch_size=max_batch, worker_id="bench",
     )  # fmt: skip
-    redis = aioredis.from_url(redis_url, decode_responses=True)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(Consumer(settings, Engine(lm), redis).run(stop))
-    queue = list(enumerate(items))
+    env = {
+        **os.environ, "BASTION_MODEL_PATH": str(path), "BASTION_KEY_PREFIX": settings.key_prefix,
+        "BASTION_REDIS_URL": redis_url, "BASTION_MAX_BATCH_SIZE": str(max_batch),
+        "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "bastion_worker"], env=env)
+    client = sync_redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 300
+        while not client.exists(settings.keys.worker(settings.served_name, "bench")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bench worker did not start")
+            time.sleep(0.2)
+        yield settings
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        for key in client.scan_iter(match=f"{settings.key_prefix}:*"):
+            client.delete(key)
+        client.close()
+
+
+async def run_worker(
+    settings: WorkerSettings, prompts: list[str], items: list[Item], concurrency: int
+) -> Run:
+    """(c): clients that put requests on the worker's stream and read its result
+    streams, as the gateway does, with nothing else in between."""
+    redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    queue = list(zip(prompts, items, strict=True))
     traces: list[Trace] = []
 
     async def client() -> None:
         while queue:
-            _, item = queue.pop(0)
+            prompt, item = queue.pop(0)
             rid = uuid.uuid4().hex
             now = time.time()
             request = GenerationRequest(
-                id=rid, model=settings.served_name,
-                prompt=lm.tokenizer.decode(item.prompt_ids),
+                id=rid, model=settings.served_name, prompt=prompt,
                 params=SamplingParams(
                     max_tokens=item.output_tokens, temperature=0.0, ignore_eos=True
                 ),
@@ -220,36 +255,36 @@ async def run_worker(
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    stop.set()
-    await worker
-    async for key in redis.scan_iter(match=f"{prefix}:*"):
-        await redis.delete(key)
     await redis.aclose()
     return Run("(c) Bastion worker (Redis included)", concurrency, wall, traces)
 
 
-async def run_gateway(
-    tokenizer: object, items: list[Item], concurrency: int, url: str, token: str
+async def run_openai(
+    system: str,
+    url: str,
+    body: Callable[[Item], dict],
+    items: list[Item],
+    concurrency: int,
+    headers: dict[str, str] | None = None,
 ) -> Run:
-    """(d): the same clients against the whole platform over HTTP (SSE)."""
+    """The same closed-loop clients against an OpenAI-compatible server over
+    HTTP (SSE): the Bastion gateway for (d), vLLM's server for (e)."""
     import json
 
     import aiohttp
 
     queue = list(items)
     traces: list[Trace] = []
-    headers = {"Authorization": f"Bearer {token}"}
 
     async def client(http: aiohttp.ClientSession) -> None:
         while queue:
             item = queue.pop(0)
-            body = {
-                "model": "bench-model", "prompt": tokenizer.decode(item.prompt_ids),  # type: ignore[attr-defined]
-                "max_tokens": item.output_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True},
+            request = {
+                **body(item), "max_tokens": item.output_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }  # fmt: skip
             trace = Trace(time.perf_counter())
-            async with http.post(f"{url}/v1/completions", json=body, headers=headers) as reply:
+            async with http.post(f"{url}/v1/completions", json=request, headers=headers) as reply:
                 assert reply.status == 200, await reply.text()
                 async for line in reply.content:
                     if not line.startswith(b"data: {"):
@@ -265,9 +300,85 @@ async def run_gateway(
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return Run(
-        "(d) Bastion end to end (gateway, guard)", concurrency, time.perf_counter() - start, traces
-    )
+    return Run(system, concurrency, time.perf_counter() - start, traces)
+
+
+def vllm_python() -> Path | None:
+    """The side environment's interpreter: $BASTION_BENCH_VLLM_PYTHON, else
+    var/vllm-env (``make vllm-env``), if vLLM is installed there."""
+    configured = os.environ.get("BASTION_BENCH_VLLM_PYTHON")
+    python = Path(configured) if configured else REPO / "var" / "vllm-env" / "bin" / "python"
+    return python if python.is_file() else None
+
+
+@contextlib.contextmanager
+def vllm_server(python: Path, path: Path, log: Path):  # type: ignore[no-untyped-def]
+    """vLLM's OpenAI server on ``path`` (fp32, like the worker on a CPU), pinned to
+    the cores torch uses here; yields its URL, or raises RuntimeError with why not."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    from bastion_cli.stack import free_port
+
+    port = free_port()
+    cores = f"0-{max(torch.get_num_threads() - 1, 0)}"
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_NO_USAGE_STATS": "1",
+    }  # fmt: skip
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+        "--served-model-name", "bench-model", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY)),
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + VLLM_START_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}); see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server was not up within {VLLM_START_S} s; see {log}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{url}/v1/models", timeout=2).close()
+                break
+            time.sleep(2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
+    """(e) at every concurrency, or the reason it did not run."""
+    python = vllm_python()
+    if python is None:
+        return [], "not installed (make vllm-env, or set BASTION_BENCH_VLLM_PYTHON): skipped"
+    runs: list[Run] = []
+    log = RESULTS / f"vllm-{path.name}.log"
+
+    def body(item: Item) -> dict:
+        return {"model": "bench-model", "prompt": item.prompt_ids}  # the very same token ids
+
+    try:
+        with vllm_server(python, path, log) as url:
+            for c in CONCURRENCY:
+                for batch in (items[:c], items):  # a warm-up, then the measured run
+                    run = asyncio.run(run_openai(VLLM, url, body, batch, c))
+                runs.append(run)
+                print(f"{VLLM} C={c}: {run.tps:.1f} tok/s", flush=True)
+    except (RuntimeError, AssertionError, OSError) as exc:
+        return runs, f"failed: {str(exc)[:300]}"
+    return runs, f"ran from {python}, server log in bench/results/{log.name}"
 
 
 @contextlib.contextmanager
@@ -304,41 +415,54 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
 def bench_model(
     name: str, path: Path, n: int, outputs: tuple[int, int], redis_url: str
 ) -> list[str]:
-    lm = load(path, "cpu", "auto")
+    # (a) and (b) run the model as transformers loads it; the worker loads its own.
+    lm = load(path, "cpu", "auto", linear="dense")
     items = make(lm.tokenizer, n, output_range=outputs)
+    prompts = [lm.tokenizer.decode(item.prompt_ids) for item in items]
+    runs: list[Run] = []
+    notes = []
+
+    def measured(run: Run) -> None:
+        runs.append(run)
+        print(f"{name}: {run.system} C={run.concurrency}: {run.tps:.1f} tok/s", flush=True)
+
+    def text_body(item: Item) -> dict:
+        return {"model": "bench-model", "prompt": prompts[items.index(item)]}
+
+    run_sequential(lm, items[:2], 1)  # warm-up: first calls pay one-off costs
+    for c in CONCURRENCY:
+        measured(run_sequential(lm, items, c))
+        cb = run_transformers_cb(lm, items, c)
+        if isinstance(cb, Run):
+            measured(cb)
+        elif f"(b) {cb}" not in notes:
+            notes.append(f"(b) {cb}")
+    with worker_process(path, redis_url, max(CONCURRENCY)) as settings:
+        for c in CONCURRENCY:
+            for batch in (items[:c], items):  # a warm-up, then the measured run
+                run = asyncio.run(run_worker(settings, prompts[: len(batch)], batch, c))
+            measured(run)
+    with platform(path, redis_url, max(CONCURRENCY)) as (url, token):
+        for c in CONCURRENCY:
+            auth = {"Authorization": f"Bearer {token}"}
+            for batch in (items[:c], items):  # a warm-up, then the measured run
+                run = asyncio.run(run_openai(E2E, url, text_body, batch, c, auth))
+            measured(run)
+    vllm_runs, how = run_vllm(path, items)
+    runs += vllm_runs
+    notes.append(f"(e) vLLM's CPU build: {how}.")
+    base_a = {r.concurrency: r.tps for r in runs if r.system == SEQUENTIAL}
+    base_e = {r.concurrency: r.tps for r in vllm_runs}
     lines = [
         f"### {name} ({n} requests, prompts 16-96 tokens, "
         f"outputs {outputs[0]}-{outputs[1]} tokens)",
         "",
         "| system | C | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-        "| vs (a) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs (a) | vs (e) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    notes = []
-    run_sequential(lm, items[:2], 1)  # warm-up: first calls pay one-off costs
-    bases = {}
-    for c in CONCURRENCY:
-        base = run_sequential(lm, items, c)
-        base_tps = bases[c] = sum(t.output_tokens for t in base.traces) / base.wall
-        lines.append(base.row(None))
-        cb = run_transformers_cb(lm, items, c)
-        if isinstance(cb, Run):
-            lines.append(cb.row(base_tps))
-        elif cb not in notes:
-            notes.append(f"(b) {cb}")
-        lines.append(asyncio.run(run_worker(lm, path, items, c, redis_url)).row(base_tps))
-        print("\n".join(lines[-3:]), flush=True)
-    with platform(path, redis_url, max(CONCURRENCY)) as (url, token):
-        for c in CONCURRENCY:
-            asyncio.run(run_gateway(lm.tokenizer, items[:c], c, url, token))  # warm-up
-            lines.append(asyncio.run(run_gateway(lm.tokenizer, items, c, url, token)).row(bases[c]))
-            print(lines[-1], flush=True)
-    vllm = (
-        "installed, but not run by this bench yet"
-        if importlib.util.find_spec("vllm")
-        else "not installed: skipped"
-    )
-    notes.append(f"(e) vLLM's CPU build: {vllm}.")
+    for r in sorted(runs, key=lambda r: (r.concurrency, r.system)):
+        lines.append(r.row(base_a[r.concurrency], base_e.get(r.concurrency)))
     return [*lines, "", *notes, ""]
 
 

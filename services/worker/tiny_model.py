@@ -48,6 +48,7 @@ def build(target: Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=32,  # vLLM's CPU attention kernels (bench system e) start at 32
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -134,7 +134,7 @@ async def test_requests_taken_before_a_crash_are_served_on_restart(
 async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, aredis):
     """Continuous batching: B does not wait for A's batch to end."""
     stream = worker.keys.requests(worker.served_name)
-    long = _request(worker, "Tell me everything", max_tokens=600, temperature=0.0)
+    long = _request(worker, "Tell me everything", max_tokens=600, temperature=0.0, ignore_eos=True)
     await aredis.xadd(stream, long.dump())
 
     async def long_started():

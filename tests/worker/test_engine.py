@@ -176,7 +176,7 @@ def test_frequency_penalty_and_top_k(tiny_lm):
     prompt = tiny_lm.encode_prompt("Hello")
 
     def run(**params):
-        seq = engine.new_sequence("p", prompt, SamplingParams(**params), 24, ())
+        seq = engine.new_sequence("p", prompt, SamplingParams(**params), 64, ())
         _run(engine, [seq])
         return seq.output_ids
 
