@@ -40,7 +40,12 @@ class Broker:
         return str(entry_id)
 
     async def results(self, request: GenerationRequest) -> AsyncIterator[ResultRecord]:
-        """The request's records in order, through the final one; raises on the deadline."""
+        """The request's records in order, through the final one; raises on the deadline.
+
+        Token records that arrived together are joined into one (and into a final
+        ``done`` right behind them), so a reader that fell behind catches up with
+        one pass through the output filter instead of one per token.
+        """
         last = "0-0"
         while True:
             remaining_ms = int((request.deadline - time.time()) * 1000)
@@ -49,13 +54,22 @@ class Broker:
             reply: Any = await self.redis.xread(
                 {request.result_stream: last}, block=min(remaining_ms, READ_BLOCK_MAX_MS)
             )
+            pending: list[str] = []
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
                     record = ResultRecord.load(fields)
+                    if record.kind == "token":
+                        pending.append(record.text)
+                        continue
+                    if record.kind == "done" and pending:
+                        record = record.model_copy(update={"text": "".join(pending) + record.text})
+                    elif pending:
+                        yield ResultRecord(kind="token", text="".join(pending))
                     yield record
-                    if record.final:
-                        return
+                    return  # every record other than a token is final
+            if pending:
+                yield ResultRecord(kind="token", text="".join(pending))
 
     async def cancel(self, request: GenerationRequest) -> None:
         await self.redis.set(request.cancel_key, "1", ex=K.CANCEL_TTL_S)

@@ -42,6 +42,7 @@ class Ticket:
     entry_id: str
     seq: Sequence
     arrived: float
+    ttl_set: float = 0.0  # when the result stream's expiry was last pushed back
 
 
 class Consumer:
@@ -249,13 +250,18 @@ class Consumer:
         assert self.batch is not None
         pipe = self.redis.pipeline(transaction=False)
         ended: list[Ticket] = []
+        now = time.monotonic()
         for seq in self.batch.seqs:
             if seq.published:
                 continue
             ticket = self.running[seq.request_id]
             text = self.engine.take_text(seq)
             if text:
-                _add(pipe, ticket.request, ResultRecord(kind="token", text=text))
+                stream = ticket.request.result_stream
+                pipe.xadd(stream, ResultRecord(kind="token", text=text).dump())
+                if now - ticket.ttl_set > K.RESULT_TTL_S / 4:  # not on every token
+                    pipe.expire(stream, K.RESULT_TTL_S)
+                    ticket.ttl_set = now
             if seq.finished:
                 done = ResultRecord(
                     kind="done",
