@@ -2,7 +2,8 @@
 
 (a) transformers' model.generate, one request at a time (the naive server);
 (b) transformers' own continuous batching (ContinuousBatchingManager);
-(c) the Bastion worker alone: its real consumer loop on the real Redis;
+(c) the Bastion worker alone: ``python -m bastion_worker`` in its own process,
+    fed through the real Redis by a client process;
 (d) Bastion end to end: the four services as processes, clients over HTTP/SSE;
 (e) vLLM's CPU build, from a side environment (``make vllm-env``), when there.
 
@@ -419,6 +420,7 @@ def bench_model(
     lm = load(path, "cpu", "auto", linear="dense")
     items = make(lm.tokenizer, n, output_range=outputs)
     prompts = [lm.tokenizer.decode(item.prompt_ids) for item in items]
+    text_of = {id(item): prompt for item, prompt in zip(items, prompts, strict=True)}
     runs: list[Run] = []
     notes = []
 
@@ -427,7 +429,7 @@ def bench_model(
         print(f"{name}: {run.system} C={run.concurrency}: {run.tps:.1f} tok/s", flush=True)
 
     def text_body(item: Item) -> dict:
-        return {"model": "bench-model", "prompt": prompts[items.index(item)]}
+        return {"model": "bench-model", "prompt": text_of[id(item)]}
 
     run_sequential(lm, items[:2], 1)  # warm-up: first calls pay one-off costs
     for c in CONCURRENCY:
