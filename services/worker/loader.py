@@ -119,16 +119,25 @@ def quantization_config(choice: str, dtype: torch.dtype) -> Any:
     )
 
 
-def pick_linear(choice: str, device: torch.device, dtype: torch.dtype, quantization: str) -> str:
-    """``onednn`` (weights packed at load) for unquantized fp32 on the CPU, else dense."""
+def pick_linear(
+    choice: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str,
+    compile_model: bool = False,
+) -> str:
+    """``onednn`` (weights packed at load) for unquantized fp32 on the CPU, else
+    dense; torch.compile cannot lower the packed calls, so it keeps dense layers."""
     fits = device.type == "cpu" and dtype == torch.float32 and quantization == "none"
     if choice == "auto":
-        return "onednn" if fits and onednn.available() else "dense"
+        return "onednn" if fits and not compile_model and onednn.available() else "dense"
     if choice == "onednn" and not fits:
         raise RuntimeError(
             "BASTION_LINEAR=onednn runs unquantized float32 models on the CPU only; "
             "use dense or auto here"
         )
+    if choice == "onednn" and compile_model:
+        raise RuntimeError("BASTION_LINEAR=onednn and BASTION_COMPILE=true do not go together")
     if choice == "onednn" and not onednn.available():
         raise RuntimeError("BASTION_LINEAR=onednn needs a torch build with oneDNN (mkldnn)")
     return choice
@@ -151,7 +160,7 @@ def load(
     dtype = pick_dtype(dtype_choice, device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     quant = quantization_config(quantization, dtype)
-    linear = pick_linear(linear, device, dtype, quantization)
+    linear = pick_linear(linear, device, dtype, quantization, compile_model)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
