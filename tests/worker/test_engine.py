@@ -1,5 +1,6 @@
 """The batched engine on the tiny model, against transformers' own generate()."""
 
+import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
@@ -205,3 +206,37 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(
             0, len(prompt) :
         ].tolist()
         assert seq.output_ids == ref[: len(seq.output_ids)]
+
+
+@pytest.mark.parametrize("window", [48, 200])
+def test_sliding_window_model_prefills_in_groups_only_while_its_window_holds(tiny_lm, window):
+    """With a window wider than the prompts, a Gemma 3-shaped model prefills in
+    passes of similar length; with a narrower one, in one pass. Both match generate()."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from bastion_worker import batching
+    from bastion_worker.loader import LoadedModel
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    lm = LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
+                     tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
+    engine = Engine(lm)
+    text = " ".join(PROMPTS[2] for _ in range(12))
+    ids = [tiny_lm.encode_prompt(text)[:n] for n in (3, 120, 9, 64, 40, 100)]
+    grouped = batching.joinable_after_prefill(config, 120)
+    assert grouped == (window == 200)
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
+    _run(engine, seqs)
+    for seq, prompt in zip(seqs, ids, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False
+        )[0, len(prompt):].tolist()  # fmt: skip
+        assert seq.output_ids == ref, seq.request_id
