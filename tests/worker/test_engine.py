@@ -14,6 +14,34 @@ PROMPTS = [
 ]
 
 
+def _gemma_shaped(tiny_lm, window, head_dim):
+    """A tiny Gemma 3-shaped model (a sliding and a full attention layer) on the
+    tiny model's tokenizer, randomly initialised with a fixed seed."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        sliding_window=window, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _serving(tiny_lm, model):
+    """``model`` loaded as the worker would hold it, with the tiny model's tokenizer."""
+    from bastion_worker.loader import LoadedModel
+
+    return LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
+                       tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
+
+
+def _prompts_of_lengths(tiny_lm, lengths):
+    text = " ".join(PROMPTS[2] for _ in range(12))
+    return [tiny_lm.encode_prompt(text)[:n] for n in lengths]
+
+
 def _run(engine, seqs):
     batch = engine.prefill(seqs)
     while not batch.done:
@@ -133,21 +161,8 @@ def test_a_batch_whose_window_filled_keeps_its_rows_until_all_end(tiny_lm):
 def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
     """A Gemma 3-shaped model (sliding and full attention layers) joins rows
     mid-batch and still matches generate() for each."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from bastion_worker.loader import LoadedModel
-
-    config = Gemma3TextConfig(
-        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        sliding_window=48, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).eval()
-    lm = LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
-                     tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
-    engine = Engine(lm)
+    model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
+    engine = Engine(_serving(tiny_lm, model))
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS[:3]]
     first = [engine.new_sequence("0", prompts[0], greedy, 8, ())]
@@ -195,8 +210,7 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(
 
     engine = Engine(tiny_lm)
     greedy = SamplingParams(temperature=0.0)
-    text = " ".join(PROMPTS[2] for _ in range(12))
-    ids = [tiny_lm.encode_prompt(text)[:n] for n in (3, 120, 9, 64, 40, 100, 20, 80)]
+    ids = _prompts_of_lengths(tiny_lm, (3, 120, 9, 64, 40, 100, 20, 80))
     assert len(batching.length_groups([len(x) for x in ids])) > 1
     seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
     batch = _run(engine, seqs)
@@ -212,25 +226,12 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(
 def test_sliding_window_model_prefills_in_groups_only_while_its_window_holds(tiny_lm, window):
     """With a window wider than the prompts, a Gemma 3-shaped model prefills in
     passes of similar length; with a narrower one, in one pass. Both match generate()."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from bastion_worker import batching
-    from bastion_worker.loader import LoadedModel
 
-    config = Gemma3TextConfig(
-        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        sliding_window=window, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config).eval()
-    lm = LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
-                     tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
-    engine = Engine(lm)
-    text = " ".join(PROMPTS[2] for _ in range(12))
-    ids = [tiny_lm.encode_prompt(text)[:n] for n in (3, 120, 9, 64, 40, 100)]
-    grouped = batching.joinable_after_prefill(config, 120)
+    model = _gemma_shaped(tiny_lm, window=window, head_dim=32)
+    engine = Engine(_serving(tiny_lm, model))
+    ids = _prompts_of_lengths(tiny_lm, (3, 120, 9, 64, 40, 100))
+    grouped = batching.joinable_after_prefill(model.config, 120)
     assert grouped == (window == 200)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
