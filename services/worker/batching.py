@@ -14,13 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer
 
 
 def _holds_everything(layer: object) -> bool:
-    if type(layer) is DynamicLayer:
+    if type(layer) is BufferedLayer:
         return True
-    if type(layer) is DynamicSlidingWindowLayer and layer.keys is not None:
+    if type(layer) is BufferedSlidingWindowLayer and layer.keys is not None:
         return bool(layer.keys.shape[-2] == layer.cumulative_length < layer.sliding_window - 1)
     return False
 

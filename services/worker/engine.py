@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import batching
+from bastion_worker import batching, kvcache
 from bastion_worker.detokenize import IncrementalDetokenizer
 from bastion_worker.loader import LoadedModel
 from bastion_worker.sampling import make_generator, sample
@@ -46,7 +46,7 @@ class Sequence:
 @dataclass
 class Batch:
     seqs: list[Sequence]
-    cache: DynamicCache  # grows in place, one entry per step
+    cache: DynamicCache  # layers of kvcache.BufferedLayer: written in place, one column per step
     attention_mask: torch.Tensor  # [B, T]
     positions: torch.Tensor  # [B] position of each row's latest token
     last_tokens: torch.Tensor  # [B]
@@ -110,7 +110,7 @@ class Engine:
             mask[row, width - n :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        cache = DynamicCache(config=self.lm.model.config)
+        cache = kvcache.new_cache(self.lm.model.config)
         out = self.lm.model(
             input_ids=ids,
             attention_mask=mask,

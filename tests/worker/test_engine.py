@@ -139,7 +139,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
 
 
 def test_a_batch_whose_window_filled_keeps_its_rows_until_all_end(tiny_lm):
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+    from bastion_worker.kvcache import BufferedSlidingWindowLayer
 
     engine = Engine(tiny_lm)
     greedy = SamplingParams(temperature=0.0)
@@ -152,7 +152,7 @@ def test_a_batch_whose_window_filled_keeps_its_rows_until_all_end(tiny_lm):
         engine.decode_step(batch)
     seqs[0].published = True
     layer = batch.cache.layers[0]
-    layer.__class__ = DynamicSlidingWindowLayer  # as Gemma 3's, with its window filled
+    layer.__class__ = BufferedSlidingWindowLayer  # as Gemma 3's, with its window filled
     layer.sliding_window, layer.cumulative_length = 8, 10**6
     assert not batch.joinable
     assert engine.evict(batch) is batch and len(batch.seqs) == 2

@@ -1,0 +1,158 @@
+"""The worker's KV cache: per-layer buffers with room to grow, written in place.
+
+transformers' DynamicCache concatenates every new position onto the whole
+cache, so each decode step copies every layer's keys and values, a cost that
+grows with the context. Here a layer keeps a buffer
+wider than what it holds; a step writes one column into it and the model
+attends to a view of the filled part. A buffer is reallocated (one copy) only
+when it is full, with headroom of a quarter of its length, so the copying per
+step is constant instead of growing with the context. Measured on this 2-core
+machine, one decode step, dynamic -> buffered: tiny model at 32 rows 1.66 ->
+1.51 ms at 214 positions, 5.1 -> 2.8-3.5 ms at 909; Gemma 3 270M at 24 rows
+70 -> 63 ms at 134 positions, 100 -> 89 ms at 437.
+
+Joining and leaving (:mod:`bastion_worker.batching`) still assign whole new
+tensors to ``layer.keys`` / ``layer.values``; the layer adopts them as its
+buffer, and the next step that does not fit grows it.
+
+Written here rather than taken from transformers' StaticCache: that cache is
+sized once for a fixed batch, while continuous batching changes the rows
+between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+MIN_HEADROOM = 64  # columns
+
+
+def _headroom(needed: int) -> int:
+    return max(MIN_HEADROOM, needed // 4)
+
+
+class _Columns:
+    """One layer's keys or values: a [B, heads, capacity, head_dim] buffer with
+    positions [start, end) filled."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+        self.start, self.end = 0, data.shape[-2]
+
+    def view(self, start: int | None = None) -> torch.Tensor:
+        return self.data[:, :, self.start if start is None else start : self.end]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more positions, keeping the filled ones."""
+        if self.end + n <= self.data.shape[-2]:
+            return
+        held = self.end - self.start
+        width = held + n + _headroom(held + n)
+        old = self.data
+        self.data = old.new_empty((*old.shape[:2], width, old.shape[-1]))
+        self.data[:, :, :held] = old[:, :, self.start : self.end]
+        self.start, self.end = 0, held
+
+    def write(self, states: torch.Tensor) -> None:
+        n = states.shape[-2]
+        self.reserve(n)
+        self.data[:, :, self.end : self.end + n] = states
+        self.end += n
+
+
+def _adopt(t: torch.Tensor | None) -> _Columns | None:
+    # None, or the empty placeholder transformers' lazy init assigns
+    return None if t is None or t.dim() != 4 else _Columns(t)
+
+
+class BufferedLayer(DynamicLayer):
+    """A full-attention layer: holds every position."""
+
+    _k: _Columns | None
+    _v: _Columns | None
+
+    # ``keys`` and ``values`` stay attributes to transformers and to batching.py:
+    # reading gives the filled view, assigning adopts the tensor as the buffer.
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k.view()
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k = _adopt(t)
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v.view()
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v = _adopt(t)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _columns(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[_Columns, _Columns]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._k is None or self._v is None:
+            self._k = _Columns(key_states[:, :, :0])
+            self._v = _Columns(value_states[:, :, :0])
+        return self._k, self._v
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self._columns(key_states, value_states)
+        k.write(key_states)
+        v.write(value_states)
+        return k.view(), v.view()
+
+
+class BufferedSlidingWindowLayer(BufferedLayer, DynamicSlidingWindowLayer):
+    """A sliding-window layer: attends to the new positions and the
+    ``sliding_window - 1`` before them, and keeps only those."""
+
+    def __init__(self, sliding_window: int, **kwargs: object) -> None:
+        DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window, **kwargs)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        BufferedLayer.lazy_initialization(self, key_states, value_states)
+        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.record_past:
+            raise NotImplementedError("the worker's cache does not record past states")
+        n = key_states.shape[-2]
+        self.cumulative_length += n
+        full = []
+        kv = self._columns(key_states, value_states)
+        for columns, states in zip(kv, (key_states, value_states), strict=True):
+            columns.reserve(n)  # may move what is kept to the front
+            first = columns.start
+            columns.write(states)
+            full.append(columns.view(first))
+            columns.start = max(first, columns.end - (self.sliding_window - 1))
+        return full[0], full[1]
+
+
+def new_cache(config: object) -> DynamicCache:
+    """A cache for ``config``'s layer types with buffered layers in place of
+    transformers' dynamic ones (other layer types are kept as they are)."""
+    cache = DynamicCache(config=config)  # type: ignore[arg-type]
+    layers: list[object] = []
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            layers.append(BufferedSlidingWindowLayer(sliding_window=layer.sliding_window))
+        elif type(layer) is DynamicLayer:
+            layers.append(BufferedLayer())
+        else:
+            layers.append(layer)
+    cache.layers = layers  # type: ignore[assignment]
+    return cache

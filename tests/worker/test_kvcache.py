@@ -1,0 +1,86 @@
+"""The worker's buffered KV cache gives the model exactly what transformers'
+dynamic cache would, while writing each step in place."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer, new_cache
+
+
+def _states(rows: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (rows, 2, n, 4)  # [B, kv heads, positions, head_dim]
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+
+def _run_side_by_side(ours: DynamicLayer, reference: DynamicLayer, steps: list[int]) -> int:
+    """Feed both layers the same updates; return how often our buffer moved."""
+    gen = torch.Generator().manual_seed(0)
+    moves, last = 0, None
+    for n in steps:
+        k, v = _states(3, n, gen)
+        got, want = ours.update(k, v), reference.update(k.clone(), v.clone())
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == reference.get_seq_length()
+        assert ours.get_mask_sizes(1) == reference.get_mask_sizes(1)
+        assert ours.keys is not None
+        ptr = ours.keys.untyped_storage().data_ptr()
+        moves += ptr != last
+        last = ptr
+    return moves
+
+
+def test_full_attention_layer_matches_concatenation_and_rarely_moves():
+    steps = [17] + [1] * 300
+    moves = _run_side_by_side(BufferedLayer(), DynamicLayer(), steps)
+    # Growth by a quarter (at least 64 columns): a handful of moves, not one per step.
+    assert moves <= 6
+
+
+def test_sliding_window_layer_matches_transformers_past_its_window():
+    window = 8
+    # A prompt longer than the window, decoding well past it, then a 3-token chunk.
+    steps = [12] + [1] * 200 + [3, 1, 1]
+    moves = _run_side_by_side(
+        BufferedSlidingWindowLayer(sliding_window=window),
+        DynamicSlidingWindowLayer(sliding_window=window),
+        steps,
+    )
+    assert moves <= 5  # it keeps 7 positions, moving them to the front once per ~64 steps
+
+
+def test_assigned_tensors_are_adopted_and_grown_from():
+    """Joining and leaving assign whole tensors, as batching.py does."""
+    gen = torch.Generator().manual_seed(1)
+    layer = BufferedLayer()
+    layer.update(*_states(3, 5, gen))
+    keys, values = layer.keys, layer.values
+    assert keys is not None and values is not None
+    layer.keys, layer.values = keys[[0, 2]], values[[0, 2]]  # a row left
+    k, v = _states(2, 1, gen)
+    got_k, got_v = layer.update(k, v)
+    assert got_k.shape == (2, 2, 6, 4)
+    assert torch.equal(got_k[:, :, :5], keys[[0, 2]]) and torch.equal(got_k[:, :, 5:], k)
+    assert torch.equal(got_v[:, :, :5], values[[0, 2]]) and torch.equal(got_v[:, :, 5:], v)
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.keys is None
+
+
+def test_new_cache_buffers_each_layer_type_of_a_hybrid_model():
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )
+    cache = new_cache(config)
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [BufferedSlidingWindowLayer] * 3 + [BufferedLayer]
