@@ -3,10 +3,11 @@ KV cache itself: the continuous part of continuous batching.
 
 Rows are left-padded to one width; the attention mask marks the padding.
 Joining pads the shorter side's cache on the left and concatenates rows;
-leaving selects the remaining rows and trims columns that are padding in
-every row. Full-attention layers can always be joined; a sliding-window
+leaving moves the last rows into the gaps and trims columns that are padding
+in every row. Full-attention layers can always be joined; a sliding-window
 layer (Gemma 3) only while its window has not filled, when it still holds
-every position. After that its rows stay together until the batch ends.
+every position. After that the batch takes no new rows until it ends, but
+finished rows still leave.
 """
 
 from __future__ import annotations
@@ -62,17 +63,39 @@ def merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([_left_pad(a, width, 1), _left_pad(b, width, 1)])
 
 
-def keep_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Keep ``rows`` of the cache (in place) and of ``mask``; drop all-padding columns."""
-    mask = mask[rows]
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if len(used) else mask.shape[1]
+def keep_rows(
+    cache: DynamicCache, mask: torch.Tensor, keep: list[int]
+) -> tuple[list[int], torch.Tensor]:
+    """Keep the rows ``keep`` (in place) and return their new order and mask.
+
+    Rows past the last kept position move into the gaps left by those that go,
+    so only the moved rows are copied. Where the cache still holds every
+    position, columns that are padding in every remaining row are dropped; a
+    sliding-window layer past its window keeps its columns (its positions
+    count on), and only loses rows.
+    """
+    n = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [r for r in keep if r >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    mask = mask[order]
+    trim = 0
+    if joinable(cache):
+        used = mask.any(dim=0).nonzero()
+        trim = int(used[0]) if len(used) else mask.shape[1]
     for layer in cache.layers:
-        assert layer.keys is not None and layer.values is not None
-        layer.keys = layer.keys[rows, :, start:, :]
-        layer.values = layer.values[rows, :, start:, :]
-        _resync(layer)
-    return mask[:, start:]
+        if isinstance(layer, BufferedLayer):
+            layer.keep_rows(holes, movers, n, trim)
+        else:
+            assert layer.keys is not None and layer.values is not None
+            layer.keys = layer.keys[order, :, trim:, :]
+            layer.values = layer.values[order, :, trim:, :]
+        if trim:
+            _resync(layer)
+    return order, mask[:, trim:]
 
 
 def length_groups(lengths: list[int], slack: float = 0.8, min_saved: int = 128) -> list[list[int]]:

@@ -150,12 +150,12 @@ class Engine:
     def _keep(self, batch: Batch, keep: list[int]) -> Batch | None:
         if not keep:
             return None
-        if len(keep) == len(batch.seqs) or not batch.joinable:
-            return batch  # a sliding-window cache keeps its rows until the batch ends
-        rows = torch.tensor(keep, device=batch.attention_mask.device)
-        mask = batching.keep_rows(batch.cache, batch.attention_mask, rows)
+        if len(keep) == len(batch.seqs):
+            return batch
+        order, mask = batching.keep_rows(batch.cache, batch.attention_mask, keep)
+        rows = torch.tensor(order, device=batch.attention_mask.device)
         return Batch(
-            [batch.seqs[i] for i in keep],
+            [batch.seqs[i] for i in order],
             batch.cache,
             mask,
             batch.positions[rows],

@@ -11,9 +11,11 @@ machine, one decode step, dynamic -> buffered: tiny model at 32 rows 1.66 ->
 1.51 ms at 214 positions, 5.1 -> 2.8-3.5 ms at 909; Gemma 3 270M at 24 rows
 70 -> 63 ms at 134 positions, 100 -> 89 ms at 437.
 
-Joining and leaving (:mod:`bastion_worker.batching`) still assign whole new
-tensors to ``layer.keys`` / ``layer.values``; the layer adopts them as its
-buffer, and the next step that does not fit grows it.
+When sequences leave, the rows after the last one kept move into the gaps
+(only those rows are copied) and the buffers are narrowed to the rows left.
+Joining (:mod:`bastion_worker.batching`) assigns whole new tensors to
+``layer.keys`` / ``layer.values``; the layer adopts them as its buffer, and
+the next step that does not fit grows it.
 
 Written here rather than taken from transformers' StaticCache: that cache is
 sized once for a fixed batch, while continuous batching changes the rows
@@ -54,6 +56,15 @@ class _Columns:
         self.data[:, :, :held] = old[:, :, self.start : self.end]
         self.start, self.end = 0, held
 
+    def keep_rows(self, holes: list[int], movers: list[int], rows: int, trim: int) -> None:
+        """Fill the rows at ``holes`` with those at ``movers`` (only these are
+        copied), keep the first ``rows`` and drop ``trim`` leading positions."""
+        if holes:
+            span = slice(self.start, self.end)
+            self.data[holes, :, span] = self.data[movers, :, span]
+        self.data = self.data[:rows]
+        self.start += trim
+
     def write(self, states: torch.Tensor) -> None:
         n = states.shape[-2]
         self.reserve(n)
@@ -93,6 +104,12 @@ class BufferedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
+
+    def keep_rows(self, holes: list[int], movers: list[int], rows: int, trim: int) -> None:
+        """See :func:`bastion_worker.batching.keep_rows`."""
+        for columns in (self._k, self._v):
+            if columns is not None:
+                columns.keep_rows(holes, movers, rows, trim)
 
     def _columns(
         self, key_states: torch.Tensor, value_states: torch.Tensor

@@ -138,24 +138,36 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
         assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_new_tokens
 
 
-def test_a_batch_whose_window_filled_keeps_its_rows_until_all_end(tiny_lm):
-    from bastion_worker.kvcache import BufferedSlidingWindowLayer
-
-    engine = Engine(tiny_lm)
-    greedy = SamplingParams(temperature=0.0)
-    seqs = [
-        engine.new_sequence(str(i), tiny_lm.encode_prompt(p), greedy, 3 + 5 * i, ())
-        for i, p in enumerate(PROMPTS[:2])
-    ]
+def test_rows_leave_a_batch_past_its_sliding_window_and_the_rest_match_generate(tiny_lm):
+    """Past its window a Gemma 3-shaped batch takes no new rows, but finished
+    rows still leave it (the rows after them move up) and the others go on
+    exactly as generate() would."""
+    model = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+    engine = Engine(_serving(tiny_lm, model))
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    seqs = [engine.new_sequence(str(i), x, greedy, n, ()) for i, (x, n) in
+            enumerate(zip(prompts, (24, 12, 30, 18), strict=True))]  # fmt: skip
     batch = engine.prefill(seqs)
-    while not seqs[0].finished:
-        engine.decode_step(batch)
-    seqs[0].published = True
-    layer = batch.cache.layers[0]
-    layer.__class__ = BufferedSlidingWindowLayer  # as Gemma 3's, with its window filled
-    layer.sliding_window, layer.cumulative_length = 8, 10**6
-    assert not batch.joinable
-    assert engine.evict(batch) is batch and len(batch.seqs) == 2
+    assert not batch.joinable  # the longest prompt is past the window already
+    sizes = []
+    while batch is not None:
+        if not batch.done:
+            engine.decode_step(batch)
+        for seq in batch.seqs:
+            seq.published = seq.published or seq.finished
+        width = batch.attention_mask.shape[1]
+        batch = engine.evict(batch)
+        if batch is not None:
+            sizes.append(len(batch.seqs))
+            assert batch.attention_mask.shape[1] == width  # columns kept past the window
+    assert sizes[-1] == 1 and sorted(set(sizes), reverse=True) == [4, 3, 2, 1]
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens,
+            min_new_tokens=seq.max_new_tokens, do_sample=False,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        assert seq.output_ids == ref, seq.request_id
 
 
 def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):

@@ -4,7 +4,7 @@ dynamic cache would, while writing each step in place."""
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer, new_cache
 
@@ -84,3 +84,25 @@ def test_new_cache_buffers_each_layer_type_of_a_hybrid_model():
     cache = new_cache(config)
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [BufferedSlidingWindowLayer] * 3 + [BufferedLayer]
+
+
+def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding():
+    from bastion_worker.batching import keep_rows
+
+    gen = torch.Generator().manual_seed(2)
+    cache = DynamicCache()
+    cache.layers = [BufferedLayer(), BufferedLayer()]
+    states = [_states(5, 6, gen) for _ in cache.layers]
+    for layer, (k, v) in zip(cache.layers, states, strict=True):
+        layer.update(k, v)
+    mask = torch.ones((5, 6), dtype=torch.long)
+    mask[1:4, :2] = 0  # rows 1-3 are two positions shorter; rows 0 and 4 leave
+    order, kept_mask = keep_rows(cache, mask, [1, 2, 3])
+    assert order == [3, 1, 2]  # row 3 fills row 0's place; rows 1 and 2 stay put
+    assert torch.equal(kept_mask, torch.ones((3, 4), dtype=torch.long))
+    order, _ = keep_rows(cache, kept_mask, [0, 1])  # the last row leaves: nothing moves
+    assert order == [0, 1]
+    for layer, (k, v) in zip(cache.layers, states, strict=True):
+        assert layer.keys is not None and layer.values is not None
+        assert torch.equal(layer.keys, k[[3, 1], :, 2:])
+        assert torch.equal(layer.values, v[[3, 1], :, 2:])
