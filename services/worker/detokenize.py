@@ -1,15 +1,22 @@
 """Incremental detokenisation that never releases half a character.
 
 Byte-level tokenisers split one Chinese character or emoji over several
-tokens. Decoding a window that ends mid-character yields U+FFFD; such text is
-held back until the next token completes it. A few tokens of context are kept
-in front of the window so that decoders which strip a leading space at the
+tokens; decoding a window that ends mid-character yields U+FFFD, so such text
+is held back until the next token completes it. A few tokens of the prompt
+are given as context, so that decoders which strip a leading space at the
 start of a sequence still produce the right spacing.
+
+With a Rust ("fast") tokenizer this is the `tokenizers` library's own
+``DecodeStream``, one call into Rust per token. A tokenizer without one is
+decoded by windows: two ``decode`` calls per token, in Python.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5
@@ -21,8 +28,46 @@ class Decoder(Protocol):
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, prompt_ids: list[int]) -> None:
+        backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+        context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._impl: _Stream | _Windows
+        if isinstance(backend, Tokenizer):
+            self._impl = _Stream(backend, context)
+        else:
+            self._impl = _Windows(tokenizer, context)
+
+    def add(self, token_id: int) -> str:
+        """Take one generated token; return the text it completes (maybe empty)."""
+        return self._impl.add(token_id)
+
+    def flush(self) -> str:
+        """Whatever is still held at the end (an incomplete character shows as U+FFFD)."""
+        return self._impl.flush()
+
+
+class _Stream:
+    def __init__(self, backend: Tokenizer, context: list[int]) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
+        self._held: list[int] = []  # tokens of a character not complete yet
+
+    def add(self, token_id: int) -> str:
+        text = self._stream.step(self._backend, token_id)
+        if text is None:
+            self._held.append(token_id)
+            return ""
+        self._held.clear()
+        return str(text)
+
+    def flush(self) -> str:
+        held, self._held = self._held, []
+        return str(self._backend.decode(held, skip_special_tokens=True)) if held else ""
+
+
+class _Windows:
+    def __init__(self, tokenizer: Decoder, context: list[int]) -> None:
         self._tok = tokenizer
-        self._ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self._ids = context
         self._prefix = 0
         self._read = len(self._ids)
 
@@ -30,7 +75,6 @@ class IncrementalDetokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
-        """Take one generated token; return the text it completes (maybe empty)."""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
@@ -40,7 +84,6 @@ class IncrementalDetokenizer:
         return after[len(before) :]
 
     def flush(self) -> str:
-        """Whatever is still held at the end (an incomplete character shows as U+FFFD)."""
         if self._read == len(self._ids):
             return ""
         before = self._decode(self._ids[self._prefix : self._read])
