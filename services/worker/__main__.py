@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 import torch
@@ -11,6 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from bastion_common import logs
 from bastion_common.settings import load as load_settings
+from bastion_worker import threads
 from bastion_worker.consumer import Consumer
 from bastion_worker.engine import Engine
 from bastion_worker.loader import load
@@ -20,6 +22,9 @@ from bastion_worker.settings import WorkerSettings
 async def serve(settings: WorkerSettings) -> None:
     log = logs.setup("worker", settings.log_level)
     hf_logging.disable_progress_bar()
+    # Every torch call runs on one thread: a thread count set there holds for
+    # all later steps (torch keeps it per thread once a thread has used it).
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1, "engine"))
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
@@ -36,6 +41,9 @@ async def serve(settings: WorkerSettings) -> None:
     except RuntimeError as exc:  # an option this machine cannot run: say so and stop
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
+    engine = Engine(lm)
+    if not settings.torch_threads and lm.device.type == "cpu":
+        await asyncio.to_thread(threads.choose, engine, settings.max_batch_size)
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -43,7 +51,7 @@ async def serve(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker %s serving model %s", settings.worker_id, settings.served_name)
     try:
-        await Consumer(settings, Engine(lm), redis).run(stop)
+        await Consumer(settings, engine, redis).run(stop)
     finally:
         await redis.aclose()
     log.info("worker stopped")

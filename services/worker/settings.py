@@ -39,7 +39,9 @@ class WorkerSettings(CommonSettings):
     # Used when a request gives no max_tokens (still capped by the context).
     default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)
-    torch_threads: int | None = None
+    # CPU threads for torch; unset: the fewest that make a decode step nearly as
+    # fast as the most would, timed at start-up (threads.py).
+    torch_threads: int | None = Field(None, ge=1)
 
     @property
     def served_name(self) -> str:

@@ -1,0 +1,87 @@
+"""How many threads torch uses on the CPU, chosen by measurement at start-up.
+
+More intra-op threads make large matrix products faster, but the worker
+shares the machine with its own event loop and with the gateway, guard and
+Redis; a step whose threads wait at a barrier for a core someone else holds
+stalls as a whole. Measured on the 2-core development machine: the tiny test
+model's decode step at 32 rows takes 1.1 ms on 1 thread and on 2 alone, yet
+the worker serving 32 clients made 4,000-4,400 tokens/s on 2 threads and
+6,300-7,500 on 1; Gemma 3 270M's step at 24 rows takes 109 ms on 1 thread and
+65 ms on 2, and the worker made 108 against 146 tokens/s. So the worker times
+a decode step of a full batch on 1, 2, 4, ... threads (up to the cores torch
+would use) and keeps the fewest that come within ``SLACK`` of the fastest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+from bastion_common.messages import SamplingParams
+from bastion_worker.engine import Engine
+
+log = logging.getLogger(__name__)
+
+SLACK = 1.15  # more threads must make a step at least this much faster
+ROWS = 16  # most rows timed (a bigger batch only makes start-up slower)
+PROMPT_TOKENS = 16
+STEPS = 3
+
+
+def candidates(cores: int) -> list[int]:
+    """1, 2, 4, ... below ``cores``, and ``cores`` itself."""
+    counts = [1]
+    while counts[-1] * 2 < cores:
+        counts.append(counts[-1] * 2)
+    return sorted({*counts, max(cores, 1)})
+
+
+def _step_seconds(engine: Engine, rows: int) -> float:
+    rng = random.Random(0)
+    vocab = int(engine.lm.model.get_input_embeddings().num_embeddings)
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    seqs = [
+        engine.new_sequence(
+            f"calibration-{i}",
+            [rng.randrange(vocab) for _ in range(PROMPT_TOKENS)],
+            greedy,
+            10**6,
+            (),
+        )
+        for i in range(rows)
+    ]
+    batch = engine.prefill(seqs)
+    engine.decode_step(batch)  # warm-up at this thread count
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        engine.decode_step(batch)
+    return (time.perf_counter() - start) / STEPS
+
+
+def pick(timings: dict[int, float]) -> int:
+    """The fewest threads whose step time is within ``SLACK`` of the fastest."""
+    best = min(timings.values())
+    return min(n for n, t in timings.items() if t <= best * SLACK)
+
+
+def choose(engine: Engine, max_batch: int) -> int:
+    """Time a decode step at each candidate thread count, then set and return
+    the one picked. Call it on the thread that runs the engine's steps."""
+    rows = min(max_batch, ROWS)
+    timings: dict[int, float] = {}
+    with torch.inference_mode():
+        for n in candidates(torch.get_num_threads()):
+            torch.set_num_threads(n)
+            timings[n] = _step_seconds(engine, rows)
+    chosen = pick(timings)
+    torch.set_num_threads(chosen)
+    log.info(
+        "torch threads: %d (decode step at %d rows on 1, 2, ... threads: %s)",
+        chosen,
+        rows,
+        ", ".join(f"{n}: {t * 1e3:.1f} ms" for n, t in sorted(timings.items())),
+    )
+    return chosen

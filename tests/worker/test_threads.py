@@ -1,0 +1,27 @@
+import torch
+
+from bastion_worker import threads
+from bastion_worker.engine import Engine
+
+
+def test_candidates_double_up_to_the_cores():
+    assert threads.candidates(1) == [1]
+    assert threads.candidates(2) == [1, 2]
+    assert threads.candidates(6) == [1, 2, 4, 6]
+    assert threads.candidates(16) == [1, 2, 4, 8, 16]
+
+
+def test_more_threads_only_when_they_pay():
+    assert threads.pick({1: 1.12, 2: 1.16}) == 1  # the tiny model: a tie
+    assert threads.pick({1: 0.109, 2: 0.065}) == 2  # Gemma 3 270M: 1.7x faster
+    assert threads.pick({1: 0.4, 2: 0.21, 4: 0.2}) == 2  # 4 is not 15% faster than 2
+
+
+def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
+    before = torch.get_num_threads()
+    try:
+        chosen = threads.choose(Engine(tiny_lm), max_batch=4)
+        assert chosen in threads.candidates(before)
+        assert torch.get_num_threads() == chosen
+    finally:
+        torch.set_num_threads(before)
