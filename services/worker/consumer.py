@@ -3,10 +3,12 @@ stream through the consumer group, and publishing results, around a
 continuous-batching loop. One task owns the engine; forward passes run in a
 thread so the event loop stays responsive.
 
-Each iteration: pull only as many new requests as there are free slots (the
-rest stay in the stream for other workers), let the scheduler pick which
-waiting ones join now, prefill and join them, decode one step for the batch,
-publish every sequence's new text, and let finished sequences leave.
+Each iteration: let the scheduler pick which waiting requests join now,
+prefill and join them, then start the batch's next decode step and, while it
+runs, in one Redis round trip: publish every sequence's new text, acknowledge
+the requests that ended, and read only as many new requests as there are free
+slots (the rest stay in the stream for other workers). Only an idle worker
+blocks on the stream.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -68,11 +71,11 @@ class Consumer:
             # Our own unacknowledged entries first (from a previous life), then new ones.
             await self._take(await self._read("0", count=None, block=None))
             while not stop.is_set() or self.batch is not None or self.waiting:
-                if not stop.is_set():
-                    await self._pull()
+                if self.batch is None and not stop.is_set():
+                    await self._pull()  # while a batch runs, each step's round trip reads
                 await self._admit_waiting()
                 if self.batch is not None:
-                    await self._step()
+                    await self._step(pull=not stop.is_set())
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -98,11 +101,14 @@ class Consumer:
         reply = await self.redis.xreadgroup(
             K.WORKER_GROUP, self.settings.worker_id, {self.stream: start}, count=count, block=block
         )
-        return [entry for _, entries in reply for entry in entries] if reply else []
+        return _entries(reply)
+
+    def _free_slots(self, leaving: int = 0) -> int:
+        """Requests there is room for; the rest stays in the stream for other workers."""
+        return self.config.max_seqs - (len(self.running) - leaving) - len(self.waiting)
 
     async def _pull(self) -> None:
-        """Take only what there is room for; the rest stays for other workers."""
-        free = self.config.max_seqs - len(self.running) - len(self.waiting)
+        free = self._free_slots()
         if free <= 0:
             return
         idle = self.batch is None and not self.waiting
@@ -174,7 +180,7 @@ class Consumer:
             self.batch = new
         else:
             self.batch = await asyncio.to_thread(self.engine.join, self.batch, new)
-        await self._flush()
+        # Their first tokens go out with the next step's records, as that step runs.
 
     def _within_kv_budget(self, chosen: list[Waiting]) -> list[Waiting]:
         """Drop the last of ``chosen`` until the batch they make fits the KV budget
@@ -206,24 +212,30 @@ class Consumer:
             self.preemptions += 1
             log.info("preempted %s at %d tokens", victim.request_id, len(victim.output_ids))
 
-    async def _step(self) -> None:
+    async def _step(self, pull: bool) -> None:
         batch = self.batch
         assert batch is not None
         try:
             if time.monotonic() - self._cancels_checked > CANCEL_CHECK_S:
                 await self._apply_cancels(batch)
                 self._cancels_checked = time.monotonic()
-            # Take the last step's output, let finished rows leave, then publish it
-            # while the next step runs: Redis I/O overlaps the forward pass.
+            # Take the last step's output, let finished rows leave, then send it
+            # (and read new requests, in the same round trip) while the next step
+            # runs: Redis I/O overlaps the forward pass.
             pipe, ended = self._collect()
             self.batch = self.engine.evict(batch)
             self._preempt_over_budget()
+            free = self._free_slots(leaving=len(ended)) if pull else 0
+            if free > 0:
+                pipe.xreadgroup(
+                    K.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=free
+                )
             batch = self.batch  # type: ignore[assignment]
             step = None
             if batch is not None and not batch.done:
                 step = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch))
             try:
-                await self._send(pipe, ended)
+                await self._send(pipe, ended, reading=free > 0)
             finally:
                 if step is not None:
                     await step
@@ -240,9 +252,6 @@ class Consumer:
         for seq, mark in zip(live, marks, strict=True):
             if mark is not None:
                 self.engine.cancel(seq)
-
-    async def _flush(self) -> None:
-        await self._send(*self._collect())
 
     def _collect(self) -> tuple[aioredis.client.Pipeline, list[Ticket]]:
         """Queue every running sequence's new text, and the final record of those that
@@ -270,16 +279,25 @@ class Consumer:
                     completion_tokens=len(seq.output_ids),
                 )
                 _add(pipe, ticket.request, done)
+                _ack(pipe, self.stream, ticket.entry_id)  # after its final record
                 seq.published = True
                 ended.append(ticket)
         return pipe, ended
 
-    async def _send(self, pipe: aioredis.client.Pipeline, ended: list[Ticket]) -> None:
-        """Send the records; a sequence whose final record is out is acknowledged and deleted."""
-        await pipe.execute()
+    async def _send(
+        self, pipe: aioredis.client.Pipeline, ended: list[Ticket], reading: bool
+    ) -> None:
+        """Send the records (in order: a request is acknowledged and deleted from
+        the stream after its final record) and, when ``reading``, take the new
+        requests the pipeline's last command read, even if another command failed."""
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
         for ticket in ended:
             del self.running[ticket.request.id]
-            await self._done(ticket.entry_id)
+        if reading and not isinstance(replies[-1], Exception):
+            await self._take(_entries(replies[-1]))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     async def _fail(self, tickets: list[Ticket]) -> None:
         failure = InternalError("The worker failed while generating.", code="worker_error")
@@ -298,16 +316,25 @@ class Consumer:
         await pipe.execute()
 
     async def _done(self, entry_id: str) -> None:
-        """Acknowledge and delete a stream entry: nothing of it stays in Redis."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(self.stream, K.WORKER_GROUP, entry_id)
-        pipe.xdel(self.stream, entry_id)
+        _ack(pipe, self.stream, entry_id)
         await pipe.execute()
 
 
 def _add(pipe: aioredis.client.Pipeline, req: GenerationRequest, record: ResultRecord) -> None:
     pipe.xadd(req.result_stream, record.dump())
     pipe.expire(req.result_stream, K.RESULT_TTL_S)
+
+
+def _ack(pipe: aioredis.client.Pipeline, stream: str, entry_id: str) -> None:
+    """Acknowledge and delete a stream entry: nothing of it stays in Redis."""
+    pipe.xack(stream, K.WORKER_GROUP, entry_id)
+    pipe.xdel(stream, entry_id)
+
+
+def _entries(reply: Any) -> Entries:
+    """The entries of an XREADGROUP reply on one stream."""
+    return [entry for _, entries in reply for entry in entries] if reply else []
 
 
 def _error_fields(exc: BastionError) -> dict[str, str | None]:

@@ -181,3 +181,43 @@ async def test_kv_budget_preempts_and_resumes_with_the_same_output(
     )
     assert none == 0 and preempted > 0
     assert tight == free  # recomputation resumes every sequence exactly
+
+
+async def test_a_running_worker_takes_only_what_it_has_room_for(
+    tiny_lm, tiny_model_path, key_prefix, redis_url, aredis
+):
+    """Requests arriving while a batch runs are read with the step's records,
+    never more than the free slots: the rest stay in the stream for other workers."""
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
+        worker_id="w-room", max_batch_size=2,
+    )  # fmt: skip
+    stream = settings.keys.requests(settings.served_name)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
+    first = _request(settings, "Tell me", max_tokens=400, temperature=0.0, ignore_eos=True)
+    await aredis.xadd(stream, first.dump())
+    await eventually(lambda: aredis.xlen(first.result_stream))
+    later = [
+        _request(settings, p, max_tokens=200, temperature=0.0, ignore_eos=True)
+        for p in ("a", "b", "c")
+    ]
+    for req in later:
+        await aredis.xadd(stream, req.dump())
+    held: list[int] = []
+
+    async def watch_pending() -> None:
+        while True:
+            held.append((await aredis.xpending(stream, K.WORKER_GROUP))["pending"])
+            await asyncio.sleep(0.01)  # a sampling interval, not synchronisation
+
+    watcher = asyncio.create_task(watch_pending())
+    try:
+        for req in [first, *later]:
+            records = await _results(aredis, req)
+            assert records[-1].kind == "done"
+    finally:
+        watcher.cancel()
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert max(held) == 2  # a full batch, and never more taken than it has room for
