@@ -3,7 +3,9 @@ consumer on the real Redis. chdb lets one process own one data path, so this
 module is the only one in the test process that opens it."""
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import time
 import uuid
 
@@ -82,3 +84,31 @@ async def test_consumer_stores_then_acknowledges_and_deletes(store, key_prefix, 
     assert await aredis.xlen(settings.keys.audit_dead) == 1
     pending = await aredis.xpending(settings.keys.audit, K.AUDITOR_GROUP)
     assert pending["pending"] == 0
+
+
+async def test_events_arriving_one_by_one_are_inserted_together(
+    store, key_prefix, aredis, redis_url, caplog
+):
+    caplog.set_level(logging.INFO, logger="bastion_auditor.consumer")
+    settings = AuditorSettings(key_prefix=key_prefix, redis_url=redis_url, audit_flush_ms=2000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(AuditConsumer(settings, store, aredis).run(stop))
+
+    async def waiting_on_the_stream():
+        with contextlib.suppress(Exception):  # the group may not exist yet
+            return await aredis.xinfo_consumers(settings.keys.audit, K.AUDITOR_GROUP)
+
+    await eventually(waiting_on_the_stream)
+    events = [_event() for _ in range(5)]
+    for event in events:
+        await aredis.xadd(settings.keys.audit, event.dump())
+
+    async def drained():
+        return await aredis.xlen(settings.keys.audit) == 0
+
+    await eventually(drained, 15)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    stored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stored")]
+    assert stored == ["stored 5 audit rows"]
+    assert all(len(store.query({"id": e.id})) == 1 for e in events)
