@@ -1,9 +1,19 @@
 """The gateway's side of the guard contract. Any failure to reach the guard is
-a 503: the gateway fails closed, it never lets unchecked text through."""
+a 503: the gateway fails closed, it never lets unchecked text through.
+
+Output goes through one long-lived FilterOutputBatches call shared by every
+response: each response waits for its previous chunk's answer before sending
+the next, and a batch carries whatever all responses have ready, one batch in
+flight at a time. Under load, batches grow instead of messages multiplying
+(a gRPC message in Python costs more than filtering a token does).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,8 +30,10 @@ class GuardClient:
         self._stub = guard_pb2_grpc.GuardStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_s
+        self._batches = _Batcher(self._stub, timeout_s)
 
     async def close(self) -> None:
+        await self._batches.close()
         await self._channel.close()
 
     async def check_input(
@@ -43,7 +55,7 @@ class GuardClient:
         return response
 
     def output_filter(self, request_id: str, tenant: str) -> OutputFilter:
-        return OutputFilter(self._stub.FilterOutput(), request_id, tenant, self._timeout)
+        return OutputFilter(self._batches, request_id, tenant)
 
     async def healthy(self) -> bool:
         try:
@@ -56,31 +68,124 @@ class GuardClient:
 
 
 class OutputFilter:
-    """One response stream's pass through the guard: one reply per chunk sent."""
+    """One response's pass through the guard: its chunks in order, each answered
+    before the next is sent."""
 
-    def __init__(self, call: object, request_id: str, tenant: str, timeout_s: float) -> None:
-        self._call = call
+    def __init__(self, batches: _Batcher, request_id: str, tenant: str) -> None:
+        self._batches = batches
         self._request_id = request_id
         self._tenant = tenant
-        self._timeout = timeout_s
+        self._call: int | None = None  # the batch call this response's state lives in
+        self._ended = False
         self.findings: list[str] = []
 
     async def filter(self, text: str, final: bool = False) -> str:
         chunk = guard_pb2.OutputChunk(
             request_id=self._request_id, tenant=self._tenant, text=text, final=final
         )
-        call = self._call
-        try:
-            await call.write(chunk)  # type: ignore[attr-defined]
-            reply = await call.read()  # type: ignore[attr-defined]
-            if final:
-                await call.done_writing()  # type: ignore[attr-defined]
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceUnavailableError(UNAVAILABLE, code="guard_unavailable") from exc
-        if reply is grpc.aio.EOF:
-            raise ServiceUnavailableError(UNAVAILABLE, code="guard_unavailable")
+        reply, self._call = await self._batches.submit(chunk, self._call)
+        self._ended = final
         self.findings.extend(f.kind for f in reply.findings)
         return str(reply.text)
 
     def cancel(self) -> None:
-        self._call.cancel()  # type: ignore[attr-defined]
+        """The response ends early: the guard may forget it."""
+        if self._call is not None and not self._ended:
+            self._batches.abandon(self._request_id, self._call)
+        self._ended = True
+
+
+Reply = tuple[guard_pb2.FilteredChunk, int]
+
+
+@dataclass
+class _Pending:
+    chunk: guard_pb2.OutputChunk
+    call: int | None  # the call the response lives in; None: its first chunk
+    reply: asyncio.Future[Reply] | None  # None: nobody waits (an abandon)
+    retried: bool = False
+
+
+@dataclass
+class _Batcher:
+    """The shared FilterOutputBatches call and the task that feeds it."""
+
+    stub: guard_pb2_grpc.GuardStub
+    timeout_s: float
+    generation: int = 0  # numbers the calls; a response's state lives in one
+    batches: int = 0  # sent, over all calls (with ``chunks``: how well they fill)
+    chunks: int = 0
+    _queue: list[_Pending] = field(default_factory=list)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    async def submit(self, chunk: guard_pb2.OutputChunk, call: int | None) -> Reply:
+        """The guard's answer to ``chunk``, and the call it went over."""
+        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._put(_Pending(chunk, call, reply))
+        return await reply
+
+    def abandon(self, request_id: str, call: int) -> None:
+        if call == self.generation and self._task is not None and not self._task.done():
+            self._put(
+                _Pending(guard_pb2.OutputChunk(request_id=request_id, abandon=True), call, None)
+            )
+
+    def _put(self, item: _Pending) -> None:
+        self._queue.append(item)
+        self._ready.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        generation = self.generation
+        call = self.stub.FilterOutputBatches()
+        sent: list[_Pending] = []
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                sent, self._queue = self._queue, []
+                stale = [p for p in sent if p.call not in (None, generation)]
+                _fail(stale, None)  # their state was in a call that ended
+                sent = [p for p in sent if p.call in (None, generation)]
+                if not sent:
+                    continue
+                await call.write(guard_pb2.OutputBatch(chunks=[p.chunk for p in sent]))
+                self.batches += 1
+                self.chunks += len(sent)
+                reply = await asyncio.wait_for(call.read(), self.timeout_s)
+                if reply is grpc.aio.EOF or len(reply.chunks) != len(sent):
+                    raise ConnectionError("the guard ended the output stream")
+                for pending, filtered in zip(sent, reply.chunks, strict=True):
+                    if pending.reply is not None and not pending.reply.done():
+                        pending.reply.set_result((filtered, generation))
+                sent = []
+        except Exception as exc:  # the call is broken: no response can go on over it
+            # A response's first chunk left no state behind: it may try a new call once.
+            waiting = sent + self._queue
+            again = [p for p in waiting if p.call is None and not p.retried]
+            _fail([p for p in waiting if p not in again], exc)
+            for p in again:
+                p.retried = True
+            self._queue = again
+        finally:
+            call.cancel()
+            self.generation = generation + 1
+        if self._queue:
+            self._task = asyncio.create_task(self._run())
+            self._ready.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _fail(items: list[_Pending], cause: BaseException | None) -> None:
+    for pending in items:
+        if pending.reply is not None and not pending.reply.done():
+            error = ServiceUnavailableError(UNAVAILABLE, code="guard_unavailable")
+            error.__cause__ = cause
+            pending.reply.set_exception(error)

@@ -37,6 +37,37 @@ def _findings(result: Analysis, rules: GuardRules) -> list[guard_pb2.Finding]:
     ]
 
 
+class OutputFilter:
+    """One response's way through the output filter, chunk by chunk."""
+
+    def __init__(self, redactor: StreamRedactor, rules: GuardRules) -> None:
+        self._redactor = redactor
+        self._rules = rules
+        self._seen: dict[str, int] = {}
+        self._released: list[str] = []
+
+    def feed(self, chunk: guard_pb2.OutputChunk) -> guard_pb2.FilteredChunk:
+        redactor = self._redactor
+        text = redactor.feed(chunk.text, final=chunk.final)
+        self._released.append(text)
+        findings = [
+            guard_pb2.Finding(
+                kind=f"pii.{label}", score=1.0, detail=str(n - self._seen.get(label, 0))
+            )
+            for label, n in redactor.found.items()
+            if n != self._seen.get(label, 0)
+        ]
+        self._seen = dict(redactor.found)
+        if chunk.final:
+            # A subverted answer (a leaked system prompt, an exfiltration link)
+            # is reported with the stream's end, for the audit record.
+            output = "".join(self._released)[-OUTPUT_SCAN_CHARS:]
+            findings.extend(_findings(analyse(output, "output", with_entities=False), self._rules))
+        return guard_pb2.FilteredChunk(
+            text=text, findings=findings, final=chunk.final, request_id=chunk.request_id
+        )
+
+
 class GuardServicer(guard_pb2_grpc.GuardServicer):
     def __init__(self, settings: GuardSettings, baseline: TenantBaseline | None = None) -> None:
         self._settings = settings
@@ -84,34 +115,40 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         request_iterator: AsyncIterator[guard_pb2.OutputChunk],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[guard_pb2.FilteredChunk]:
-        redactor: StreamRedactor | None = None
-        rules = self._policy.guard_default
-        seen: dict[str, int] = {}
-        released: list[str] = []
+        response: OutputFilter | None = None
         async for chunk in request_iterator:
-            if redactor is None:
-                rules = self._policy.guard(chunk.tenant)
-                redactor = StreamRedactor(
-                    self._settings.guard_max_holdback, self._redactor(chunk.tenant, rules)
-                )
-            text = redactor.feed(chunk.text, final=chunk.final)
-            released.append(text)
-            findings = [
-                guard_pb2.Finding(
-                    kind=f"pii.{label}", score=1.0, detail=str(n - seen.get(label, 0))
-                )
-                for label, n in redactor.found.items()
-                if n != seen.get(label, 0)
-            ]
-            seen = dict(redactor.found)
-            if chunk.final:
-                # A subverted answer (a leaked system prompt, an exfiltration link)
-                # is reported with the stream's end, for the audit record.
-                output = "".join(released)[-OUTPUT_SCAN_CHARS:]
-                findings.extend(_findings(analyse(output, "output", with_entities=False), rules))
-            yield guard_pb2.FilteredChunk(text=text, findings=findings, final=chunk.final)
+            if response is None:
+                response = self._output_filter(chunk.tenant)
+            yield response.feed(chunk)
             if chunk.final:
                 return
+
+    async def FilterOutputBatches(
+        self,
+        request_iterator: AsyncIterator[guard_pb2.OutputBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[guard_pb2.FilteredBatch]:
+        responses: dict[str, OutputFilter] = {}  # live for as long as this call
+        async for batch in request_iterator:
+            replies = []
+            for chunk in batch.chunks:
+                rid = chunk.request_id
+                if chunk.abandon:
+                    responses.pop(rid, None)
+                    replies.append(guard_pb2.FilteredChunk(request_id=rid, final=True))
+                    continue
+                response = responses.get(rid)
+                if response is None:
+                    response = responses[rid] = self._output_filter(chunk.tenant)
+                replies.append(response.feed(chunk))
+                if chunk.final:
+                    del responses[rid]
+            yield guard_pb2.FilteredBatch(chunks=replies)
+
+    def _output_filter(self, tenant: str) -> OutputFilter:
+        rules = self._policy.guard(tenant)
+        redactor = StreamRedactor(self._settings.guard_max_holdback, self._redactor(tenant, rules))
+        return OutputFilter(redactor, rules)
 
     async def _size_anomaly(self, request: guard_pb2.CheckInputRequest, rules: GuardRules) -> float:
         """How far this prompt's size is above the tenant's usual range (0..1)."""

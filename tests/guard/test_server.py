@@ -147,3 +147,31 @@ async def test_prompt_far_above_the_tenants_usual_size_is_an_anomaly(key_prefix,
     sizes = [f for f in huge.findings if f.kind == "anomaly.tenant_size"]
     assert sizes and sizes[0].score > 0.5 and huge.verdict == guard_pb2.VERDICT_FLAG
     assert "anomaly.tenant_size" not in [f.kind for f in other.findings]  # no history yet
+
+
+async def test_filter_output_batches_keeps_each_response_apart(channel):
+    """Two responses interleaved over one call: each redacted across its own
+    chunks, answers in order; an abandoned response is forgotten."""
+    call = guard_pb2_grpc.GuardStub(channel).FilterOutputBatches()
+    batches = [
+        [("a", "mail bob", False), ("b", "call me", False), ("c", "bye ann", False)],
+        [("a", "@corp.example.org", False), ("b", " at +44 20 7946 0958", False)],
+        [("a", " now", True), ("b", " ok", True), ("c", "", "abandon")],
+    ]
+    released: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+    for batch in batches:
+        chunks = [
+            guard_pb2.OutputChunk(
+                request_id=rid, text=text, final=end is True, abandon=end == "abandon"
+            )
+            for rid, text, end in batch
+        ]
+        await call.write(guard_pb2.OutputBatch(chunks=chunks))
+        reply = await call.read()
+        assert [c.request_id for c in reply.chunks] == [rid for rid, _, _ in batch]
+        for (rid, _, _), chunk in zip(batch, reply.chunks, strict=True):
+            released[rid].append(chunk.text)
+    await call.done_writing()
+    assert "".join(released["a"]) == "mail [EMAIL] now"
+    assert "".join(released["b"]) == "call me at [PHONE] ok"
+    assert "".join(released["c"]) == "bye "  # its held-back word was dropped, not sent

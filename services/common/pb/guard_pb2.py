@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/guard/v1/guard.proto\x12\x10\x62\x61stion.guard.v1\"%\n\x07Segment\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"d\n\x11\x43heckInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12+\n\x08segments\x18\x03 \x03(\x0b\x32\x19.bastion.guard.v1.Segment\"6\n\x07\x46inding\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xb7\x01\n\x12\x43heckInputResponse\x12*\n\x07verdict\x18\x01 \x01(\x0e\x32\x19.bastion.guard.v1.Verdict\x12,\n\tsanitised\x18\x02 \x03(\x0b\x32\x19.bastion.guard.v1.Segment\x12+\n\x08\x66indings\x18\x03 \x03(\x0b\x32\x19.bastion.guard.v1.Finding\x12\x1a\n\x12removed_characters\x18\x04 \x01(\r\"N\n\x0bOutputChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\"Y\n\rFilteredChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x19.bastion.guard.v1.Finding\x12\r\n\x05\x66inal\x18\x03 \x01(\x08*Z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x11\n\rVERDICT_BLOCK\x10\x02\x12\x10\n\x0cVERDICT_FLAG\x10\x03\x32\xb4\x01\n\x05Guard\x12W\n\nCheckInput\x12#.bastion.guard.v1.CheckInputRequest\x1a$.bastion.guard.v1.CheckInputResponse\x12R\n\x0c\x46ilterOutput\x12\x1d.bastion.guard.v1.OutputChunk\x1a\x1f.bastion.guard.v1.FilteredChunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/guard/v1/guard.proto\x12\x10\x62\x61stion.guard.v1\"%\n\x07Segment\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"d\n\x11\x43heckInputRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12+\n\x08segments\x18\x03 \x03(\x0b\x32\x19.bastion.guard.v1.Segment\"6\n\x07\x46inding\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xb7\x01\n\x12\x43heckInputResponse\x12*\n\x07verdict\x18\x01 \x01(\x0e\x32\x19.bastion.guard.v1.Verdict\x12,\n\tsanitised\x18\x02 \x03(\x0b\x32\x19.bastion.guard.v1.Segment\x12+\n\x08\x66indings\x18\x03 \x03(\x0b\x32\x19.bastion.guard.v1.Finding\x12\x1a\n\x12removed_characters\x18\x04 \x01(\r\"_\n\x0bOutputChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x62\x61ndon\x18\x05 \x01(\x08\"m\n\rFilteredChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x19.bastion.guard.v1.Finding\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"<\n\x0bOutputBatch\x12-\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1d.bastion.guard.v1.OutputChunk\"@\n\rFilteredBatch\x12/\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1f.bastion.guard.v1.FilteredChunk*Z\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x11\n\rVERDICT_BLOCK\x10\x02\x12\x10\n\x0cVERDICT_FLAG\x10\x03\x32\x8f\x02\n\x05Guard\x12W\n\nCheckInput\x12#.bastion.guard.v1.CheckInputRequest\x1a$.bastion.guard.v1.CheckInputResponse\x12R\n\x0c\x46ilterOutput\x12\x1d.bastion.guard.v1.OutputChunk\x1a\x1f.bastion.guard.v1.FilteredChunk(\x01\x30\x01\x12Y\n\x13\x46ilterOutputBatches\x12\x1d.bastion.guard.v1.OutputBatch\x1a\x1f.bastion.guard.v1.FilteredBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bastion.guard.v1.guard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=604
-  _globals['_VERDICT']._serialized_end=694
+  _globals['_VERDICT']._serialized_start=769
+  _globals['_VERDICT']._serialized_end=859
   _globals['_SEGMENT']._serialized_start=50
   _globals['_SEGMENT']._serialized_end=87
   _globals['_CHECKINPUTREQUEST']._serialized_start=89
@@ -42,9 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKINPUTRESPONSE']._serialized_start=248
   _globals['_CHECKINPUTRESPONSE']._serialized_end=431
   _globals['_OUTPUTCHUNK']._serialized_start=433
-  _globals['_OUTPUTCHUNK']._serialized_end=511
-  _globals['_FILTEREDCHUNK']._serialized_start=513
-  _globals['_FILTEREDCHUNK']._serialized_end=602
-  _globals['_GUARD']._serialized_start=697
-  _globals['_GUARD']._serialized_end=877
+  _globals['_OUTPUTCHUNK']._serialized_end=528
+  _globals['_FILTEREDCHUNK']._serialized_start=530
+  _globals['_FILTEREDCHUNK']._serialized_end=639
+  _globals['_OUTPUTBATCH']._serialized_start=641
+  _globals['_OUTPUTBATCH']._serialized_end=701
+  _globals['_FILTEREDBATCH']._serialized_start=703
+  _globals['_FILTEREDBATCH']._serialized_end=767
+  _globals['_GUARD']._serialized_start=862
+  _globals['_GUARD']._serialized_end=1133
 # @@protoc_insertion_point(module_scope)

@@ -59,23 +59,39 @@ class CheckInputResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., sanitised: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., removed_characters: _Optional[int] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
-    __slots__ = ("request_id", "tenant", "text", "final")
+    __slots__ = ("request_id", "tenant", "text", "final", "abandon")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tenant: str
     text: str
     final: bool
-    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+    abandon: bool
+    def __init__(self, request_id: _Optional[str] = ..., tenant: _Optional[str] = ..., text: _Optional[str] = ..., final: _Optional[bool] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class FilteredChunk(_message.Message):
-    __slots__ = ("text", "findings", "final")
+    __slots__ = ("text", "findings", "final", "request_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
     final: bool
-    def __init__(self, text: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., final: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, text: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., final: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class OutputBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[OutputChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[OutputChunk, _Mapping]]] = ...) -> None: ...
+
+class FilteredBatch(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[FilteredChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[FilteredChunk, _Mapping]]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class GuardStub:
                 request_serializer=bastion_dot_guard_dot_v1_dot_guard__pb2.OutputChunk.SerializeToString,
                 response_deserializer=bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredChunk.FromString,
                 _registered_method=True)
+        self.FilterOutputBatches = channel.stream_stream(
+                '/bastion.guard.v1.Guard/FilterOutputBatches',
+                request_serializer=bastion_dot_guard_dot_v1_dot_guard__pb2.OutputBatch.SerializeToString,
+                response_deserializer=bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredBatch.FromString,
+                _registered_method=True)
 
 
 class GuardServicer:
@@ -63,6 +68,17 @@ class GuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FilterOutputBatches(self, request_iterator, context):
+        """/ Filter many response streams over one call: one FilteredBatch per
+        / OutputBatch. A gateway keeps one such call open and sends, in each batch,
+        / what all its responses have ready, so that per-message costs are paid
+        / once per batch rather than once per token. A response's state lives in
+        / the call: it ends with its final chunk, an abandon, or the call's end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +91,11 @@ def add_GuardServicer_to_server(servicer, server):
                     servicer.FilterOutput,
                     request_deserializer=bastion_dot_guard_dot_v1_dot_guard__pb2.OutputChunk.FromString,
                     response_serializer=bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredChunk.SerializeToString,
+            ),
+            'FilterOutputBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.FilterOutputBatches,
+                    request_deserializer=bastion_dot_guard_dot_v1_dot_guard__pb2.OutputBatch.FromString,
+                    response_serializer=bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +152,33 @@ class Guard:
             '/bastion.guard.v1.Guard/FilterOutput',
             bastion_dot_guard_dot_v1_dot_guard__pb2.OutputChunk.SerializeToString,
             bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FilterOutputBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bastion.guard.v1.Guard/FilterOutputBatches',
+            bastion_dot_guard_dot_v1_dot_guard__pb2.OutputBatch.SerializeToString,
+            bastion_dot_guard_dot_v1_dot_guard__pb2.FilteredBatch.FromString,
             options,
             channel_credentials,
             insecure,
