@@ -21,7 +21,9 @@ from bench.report import publish
 REPO = Path(__file__).resolve().parent.parent
 MODES = (("fp32", "float32", "none", "dense"),
          ("fp32, oneDNN-packed linear (the worker's CPU default)", "float32", "none", "onednn"),
-         ("bf16", "bfloat16", "none", "dense"), ("int8", "float32", "int8", "dense"),
+         ("bf16", "bfloat16", "none", "dense"),
+         ("bf16, oneDNN-packed linear (native bf16 CPUs)", "bfloat16", "none", "onednn"),
+         ("int8", "float32", "int8", "dense"),
          ("nf4", "float32", "nf4", "dense"))  # fmt: skip
 
 

@@ -126,20 +126,21 @@ def pick_linear(
     quantization: str,
     compile_model: bool = False,
 ) -> str:
-    """``onednn`` (weights packed at load) for unquantized fp32 on the CPU, else
-    dense; torch.compile cannot lower the packed calls, so it keeps dense layers."""
-    fits = device.type == "cpu" and dtype == torch.float32 and quantization == "none"
+    """``onednn`` (weights packed at load) for unquantized fp32, or bf16 where the
+    CPU has it natively, on the CPU; else dense. torch.compile cannot lower the
+    packed calls, so it keeps dense layers."""
+    fits = device.type == "cpu" and quantization == "none" and onednn.available(dtype)
     if choice == "auto":
-        return "onednn" if fits and not compile_model and onednn.available() else "dense"
+        return "onednn" if fits and not compile_model else "dense"
+    if choice == "onednn" and not onednn.available():
+        raise RuntimeError("BASTION_LINEAR=onednn needs a torch build with oneDNN (mkldnn)")
     if choice == "onednn" and not fits:
         raise RuntimeError(
-            "BASTION_LINEAR=onednn runs unquantized float32 models on the CPU only; "
-            "use dense or auto here"
+            "BASTION_LINEAR=onednn runs unquantized float32 (or bfloat16 where the CPU "
+            "has it natively) models on the CPU only; use dense or auto here"
         )
     if choice == "onednn" and compile_model:
         raise RuntimeError("BASTION_LINEAR=onednn and BASTION_COMPILE=true do not go together")
-    if choice == "onednn" and not onednn.available():
-        raise RuntimeError("BASTION_LINEAR=onednn needs a torch build with oneDNN (mkldnn)")
     return choice
 
 

@@ -16,7 +16,9 @@ The packed call has a fixed cost of about 45 us, so only weights of at least
 640x1024 and larger gain from batch 8 up, the output head about 2x; a tiny
 model's 64x128 layers lose 8x). Results match ``nn.Linear`` to float rounding
 (about 1e-6 in fp32). A tied output head gets its own packed copy; the input
-embedding keeps the original.
+embedding keeps the original. bfloat16 weights pack too where the CPU has
+native bf16 (AVX512-BF16 or AMX): Gemma 3 270M's decode step at 24 rows took
+45.7 ms in packed bf16 against 62 ms in packed fp32 on an AVX512-BF16 EPYC.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from torch import nn
 MIN_PACKED = 1 << 19  # weight elements
 
 
-def available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(
-        torch.ops.mkldnn, "_linear_pointwise"
-    )
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU can run packed layers in ``dtype``
+    (float32 anywhere oneDNN is built in; bfloat16 where oneDNN says the CPU
+    does it natively)."""
+    if not (
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class PackedLinear(nn.Module):

@@ -23,6 +23,18 @@ def test_packed_linear_matches_nn_linear(bias, shape):
         torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="this CPU has no native bfloat16")
+def test_packed_bfloat16_linear_matches_nn_linear_to_bfloat16_rounding():
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 512).to(torch.bfloat16)
+    packed = onednn.PackedLinear(dense)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = packed(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), dense(x).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_only_large_enough_layers_are_packed():
     model = nn.Sequential(nn.Linear(1024, 1024), nn.Sequential(nn.Linear(8, 8)))
     assert onednn.pack_linears(model) == 1
@@ -48,7 +60,7 @@ def test_fully_packed_model_generates_what_the_dense_one_does(tiny_model_path):
 
 
 def test_onednn_refuses_a_quantized_model_at_load(tiny_model_path):
-    with pytest.raises(RuntimeError, match="BASTION_LINEAR=onednn runs unquantized float32"):
+    with pytest.raises(RuntimeError, match="BASTION_LINEAR=onednn runs unquantized"):
         load(tiny_model_path, "cpu", "float32", quantization="int8", linear="onednn")
 
 
@@ -57,7 +69,9 @@ def test_auto_picks_onednn_for_float32_on_the_cpu():
 
     cpu = torch.device("cpu")
     assert pick_linear("auto", cpu, torch.float32, "none") == "onednn"
-    assert pick_linear("auto", cpu, torch.bfloat16, "none") == "dense"
+    bf16 = "onednn" if onednn.available(torch.bfloat16) else "dense"
+    assert pick_linear("auto", cpu, torch.bfloat16, "none") == bf16
+    assert pick_linear("auto", cpu, torch.float16, "none") == "dense"
     assert pick_linear("auto", cpu, torch.float32, "nf4") == "dense"
     assert pick_linear("dense", cpu, torch.float32, "none") == "dense"
     assert pick_linear("auto", cpu, torch.float32, "none", compile_model=True) == "dense"
