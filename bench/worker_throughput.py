@@ -31,7 +31,7 @@ import torch
 
 from bastion_cli.stack import embedded_valkey, redis_answers
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
-from bastion_worker.loader import LoadedModel, load
+from bastion_worker.loader import LoadedModel, load, pick_dtype, stored_dtype
 from bastion_worker.settings import WorkerSettings
 from bench.report import RESULTS, publish
 from bench.workload import Item, make
@@ -313,9 +313,9 @@ def vllm_python() -> Path | None:
 
 
 @contextlib.contextmanager
-def vllm_server(python: Path, path: Path, log: Path):  # type: ignore[no-untyped-def]
-    """vLLM's OpenAI server on ``path`` (fp32, like the worker on a CPU), pinned to
-    the cores torch uses here; yields its URL, or raises RuntimeError with why not."""
+def vllm_server(python: Path, path: Path, log: Path, dtype: str):  # type: ignore[no-untyped-def]
+    """vLLM's OpenAI server on ``path`` in ``dtype`` (the worker's), pinned to the
+    cores torch uses here; yields its URL, or raises RuntimeError with why not."""
     import signal
     import subprocess
     import urllib.request
@@ -330,7 +330,7 @@ def vllm_server(python: Path, path: Path, log: Path):  # type: ignore[no-untyped
     }  # fmt: skip
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-        "--served-model-name", "bench-model", "--port", str(port), "--dtype", "float32",
+        "--served-model-name", "bench-model", "--port", str(port), "--dtype", dtype,
         "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY)),
     ]  # fmt: skip
     with log.open("wb") as out:
@@ -359,6 +359,12 @@ def vllm_server(python: Path, path: Path, log: Path):  # type: ignore[no-untyped
             proc.wait()
 
 
+def worker_dtype(path: Path) -> str:
+    """The dtype the worker's ``auto`` picks for ``path`` on this CPU."""
+    dtype = pick_dtype("auto", torch.device("cpu"), stored_dtype(path))
+    return str(dtype).removeprefix("torch.")
+
+
 def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
     """(e) at every concurrency, or the reason it did not run."""
     python = vllm_python()
@@ -371,7 +377,7 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
         return {"model": "bench-model", "prompt": item.prompt_ids}  # the very same token ids
 
     try:
-        with vllm_server(python, path, log) as url:
+        with vllm_server(python, path, log, worker_dtype(path)) as url:
             for c in CONCURRENCY:
                 for batch in (items[:c], items):  # a warm-up, then the measured run
                     run = asyncio.run(run_openai(VLLM, url, body, batch, c))
@@ -379,7 +385,7 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
                 print(f"{VLLM} C={c}: {run.tps:.1f} tok/s", flush=True)
     except (RuntimeError, AssertionError, OSError) as exc:
         return runs, f"failed: {str(exc)[:300]}"
-    return runs, f"ran from {python}, server log in bench/results/{log.name}"
+    return runs, f"{worker_dtype(path)}, ran from {python}, server log in bench/results/{log.name}"
 
 
 @contextlib.contextmanager
@@ -416,7 +422,8 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
 def bench_model(
     name: str, path: Path, n: int, outputs: tuple[int, int], redis_url: str
 ) -> list[str]:
-    # (a) and (b) run the model as transformers loads it; the worker loads its own.
+    # (a) and (b) run the model as transformers loads it (dense layers, the
+    # worker's dtype); the worker loads its own.
     lm = load(path, "cpu", "auto", linear="dense")
     items = make(lm.tokenizer, n, output_range=outputs)
     prompts = [lm.tokenizer.decode(item.prompt_ids) for item in items]
@@ -456,7 +463,7 @@ def bench_model(
     base_a = {r.concurrency: r.tps for r in runs if r.system == SEQUENTIAL}
     base_e = {r.concurrency: r.tps for r in vllm_runs}
     lines = [
-        f"### {name} ({n} requests, prompts 16-96 tokens, "
+        f"### {name} ({worker_dtype(path)}, {n} requests, prompts 16-96 tokens, "
         f"outputs {outputs[0]}-{outputs[1]} tokens)",
         "",
         "| system | C | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
@@ -491,7 +498,8 @@ def main() -> int:
     publish(
         "worker_throughput.md",
         "Worker throughput",
-        f"{torch.get_num_threads()} torch threads.",
+        f"{torch.get_num_threads()} torch threads for (a) and (b); the worker picks its own at "
+        "start-up. Every system runs the dtype the worker's `auto` picks (in the headings).",
         body,
     )
     return 0

@@ -44,3 +44,16 @@ def test_cuda_bf16_generates(tiny_model_path):
     lm = load(tiny_model_path, "cuda", "auto")
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     assert _greedy(lm).output_ids
+
+
+def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_has_it(tiny_model_path):
+    from bastion_worker import onednn
+    from bastion_worker.loader import pick_dtype, stored_dtype
+
+    cpu = torch.device("cpu")
+    assert stored_dtype(tiny_model_path) == torch.float32
+    assert pick_dtype("auto", cpu, stored_dtype(tiny_model_path)) == torch.float32
+    native = torch.bfloat16 if onednn.available(torch.bfloat16) else torch.float32
+    assert pick_dtype("auto", cpu, torch.bfloat16) == native
+    assert pick_dtype("auto", torch.device("cuda"), torch.float32) == torch.bfloat16
+    assert pick_dtype("float32", cpu, torch.bfloat16) == torch.float32
