@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import redis.asyncio as aioredis
 import torch
 
@@ -272,10 +273,21 @@ async def run_openai(
     HTTP (SSE): the Bastion gateway for (d), vLLM's server for (e)."""
     import json
 
-    import aiohttp
-
     queue = list(items)
     traces: list[Trace] = []
+    resent = 0
+
+    async def stream(http: aiohttp.ClientSession, request: dict, trace: Trace) -> None:
+        async with http.post(f"{url}/v1/completions", json=request, headers=headers) as reply:
+            assert reply.status == 200, await reply.text()
+            async for line in reply.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    trace.output_tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    trace.tokens.append(time.perf_counter())
 
     async def client(http: aiohttp.ClientSession) -> None:
         while queue:
@@ -285,22 +297,26 @@ async def run_openai(
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }  # fmt: skip
             trace = Trace(time.perf_counter())
-            async with http.post(f"{url}/v1/completions", json=request, headers=headers) as reply:
-                assert reply.status == 200, await reply.text()
-                async for line in reply.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        trace.output_tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["text"]:
-                        trace.tokens.append(time.perf_counter())
+            for attempt in (1, 2):
+                try:
+                    await stream(http, request, trace)
+                    break
+                except aiohttp.ServerDisconnectedError:
+                    # A kept-alive connection the server closed as it was reused:
+                    # sent again once (its time still counts) if nothing arrived.
+                    if trace.tokens or attempt == 2:
+                        raise
+                    nonlocal resent
+                    resent += 1
             traces.append(trace)
 
     start = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    if resent:
+        print(f"{system} C={concurrency}: {resent} request(s) sent again after the server "
+              "closed a kept-alive connection", flush=True)  # fmt: skip
     return Run(system, concurrency, time.perf_counter() - start, traces)
 
 
@@ -383,8 +399,8 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
                     run = asyncio.run(run_openai(VLLM, url, body, batch, c))
                 runs.append(run)
                 print(f"{VLLM} C={c}: {run.tps:.1f} tok/s", flush=True)
-    except (RuntimeError, AssertionError, OSError) as exc:
-        return runs, f"failed: {str(exc)[:300]}"
+    except (RuntimeError, AssertionError, OSError, aiohttp.ClientError) as exc:
+        return runs, f"failed: {type(exc).__name__} {str(exc)[:300]}"
     return runs, f"{worker_dtype(path)}, ran from {python}, server log in bench/results/{log.name}"
 
 
