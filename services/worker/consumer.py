@@ -62,6 +62,9 @@ class Consumer:
         self.batch: Batch | None = None
         self._cancels_checked = 0.0
         self.preemptions = 0
+        # Read with a step's records; taken (tokenised) once the step is over,
+        # so the tokenizer is never used from two threads at once.
+        self._arrived: Entries = []
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; what was taken is still answered first."""
@@ -70,9 +73,11 @@ class Consumer:
         try:
             # Our own unacknowledged entries first (from a previous life), then new ones.
             await self._take(await self._read("0", count=None, block=None))
-            while not stop.is_set() or self.batch is not None or self.waiting:
+            while not stop.is_set() or self.batch is not None or self.waiting or self._arrived:
                 if self.batch is None and not stop.is_set():
                     await self._pull()  # while a batch runs, each step's round trip reads
+                arrived, self._arrived = self._arrived, []
+                await self._take(arrived)
                 await self._admit_waiting()
                 if self.batch is not None:
                     await self._step(pull=not stop.is_set())
@@ -288,13 +293,13 @@ class Consumer:
         self, pipe: aioredis.client.Pipeline, ended: list[Ticket], reading: bool
     ) -> None:
         """Send the records (in order: a request is acknowledged and deleted from
-        the stream after its final record) and, when ``reading``, take the new
+        the stream after its final record) and, when ``reading``, keep the new
         requests the pipeline's last command read, even if another command failed."""
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         for ticket in ended:
             del self.running[ticket.request.id]
         if reading and not isinstance(replies[-1], Exception):
-            await self._take(_entries(replies[-1]))
+            self._arrived += _entries(replies[-1])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
