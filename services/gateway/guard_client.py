@@ -163,7 +163,7 @@ class _Batcher:
                 sent = []
         except Exception as exc:  # the call is broken: no response can go on over it
             # A response's first chunk left no state behind: it may try a new call once.
-            waiting = sent + self._queue
+            waiting = [p for p in sent + self._queue if p.reply is None or not p.reply.done()]
             again = [p for p in waiting if p.call is None and not p.retried]
             _fail([p for p in waiting if p not in again], exc)
             for p in again:
