@@ -64,9 +64,12 @@ async def _row_for(platform: Platform, request_id: str) -> dict:
 
 async def test_chat_request_is_audited_with_its_input_hash(platform, client, markers):
     messages = [{"role": "user", "content": f"Remember {markers['chat']} for me"}]
+    # ignore_eos: the prompt holds a random marker, so the random test model
+    # could otherwise end early (it once did, after 3 tokens).
     reply = client.chat.completions.create(
-        model=platform.model, messages=messages, max_tokens=5, temperature=0
-    )
+        model=platform.model, messages=messages, max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
     row = await _row_for(platform, reply.id.removeprefix("chatcmpl-"))
     canonical = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
     assert row["input_hash"] == hashlib.sha256(canonical.encode()).hexdigest()
@@ -82,7 +85,12 @@ async def test_streamed_completion_is_audited(platform, client, markers):
     prompt = f"Stream {markers['stream']} 你好"
     chunks = list(
         client.completions.create(
-            model=platform.model, prompt=prompt, max_tokens=4, stream=True, temperature=0
+            model=platform.model,
+            prompt=prompt,
+            max_tokens=4,
+            stream=True,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
     )
     row = await _row_for(platform, chunks[0].id.removeprefix("cmpl-"))
