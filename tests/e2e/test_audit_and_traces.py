@@ -65,7 +65,7 @@ async def _row_for(platform: Platform, request_id: str) -> dict:
 async def test_chat_request_is_audited_with_its_input_hash(platform, client, markers):
     messages = [{"role": "user", "content": f"Remember {markers['chat']} for me"}]
     # ignore_eos: the prompt holds a random marker, so the random test model
-    # could otherwise end early (it once did, after 3 tokens).
+    # could otherwise end early (the streamed test below once got 3 of 4 tokens).
     reply = client.chat.completions.create(
         model=platform.model, messages=messages, max_tokens=5, temperature=0,
         extra_body={"ignore_eos": True},
