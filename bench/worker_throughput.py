@@ -388,12 +388,13 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
         return [], "not installed (make vllm-env, or set BASTION_BENCH_VLLM_PYTHON): skipped"
     runs: list[Run] = []
     log = RESULTS / f"vllm-{path.name}.log"
+    dtype = worker_dtype(path)
 
     def body(item: Item) -> dict:
         return {"model": "bench-model", "prompt": item.prompt_ids}  # the very same token ids
 
     try:
-        with vllm_server(python, path, log, worker_dtype(path)) as url:
+        with vllm_server(python, path, log, dtype) as url:
             for c in CONCURRENCY:
                 for batch in (items[:c], items):  # a warm-up, then the measured run
                     run = asyncio.run(run_openai(VLLM, url, body, batch, c))
@@ -401,7 +402,7 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
                 print(f"{VLLM} C={c}: {run.tps:.1f} tok/s", flush=True)
     except (RuntimeError, AssertionError, OSError, aiohttp.ClientError) as exc:
         return runs, f"failed: {type(exc).__name__} {str(exc)[:300]}"
-    return runs, f"{worker_dtype(path)}, ran from {python}, server log in bench/results/{log.name}"
+    return runs, f"{dtype}, ran from {python}, server log in bench/results/{log.name}"
 
 
 @contextlib.contextmanager

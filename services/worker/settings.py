@@ -24,8 +24,8 @@ class WorkerSettings(CommonSettings):
     quantization: Literal["none", "int8", "nf4"] = "none"
     # auto: FlashAttention-2 where CUDA and flash-attn exist, else PyTorch SDPA.
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    # CPU linear layers: auto packs fp32 weights for oneDNN once at load (faster
-    # matmuls at decode shapes); dense keeps torch's nn.Linear.
+    # CPU linear layers: auto packs fp32 weights (and bf16 ones on CPUs with native
+    # bf16) for oneDNN once at load (faster matmuls); dense keeps torch's nn.Linear.
     linear: Literal["auto", "dense", "onednn"] = "auto"
     compile: bool = False  # torch.compile the forward pass once at start-up
     max_batch_size: int = Field(8, ge=1, le=256)

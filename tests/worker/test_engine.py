@@ -42,6 +42,14 @@ def _prompts_of_lengths(tiny_lm, lengths):
     return [tiny_lm.encode_prompt(text)[:n] for n in lengths]
 
 
+def _reference(model, prompt, n):
+    """``n`` greedy tokens after ``prompt`` from transformers' own generate()."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 def _run(engine, seqs):
     batch = engine.prefill(seqs)
     while not batch.done:
@@ -163,11 +171,7 @@ def test_rows_leave_a_batch_past_its_sliding_window_and_the_rest_match_generate(
             assert batch.attention_mask.shape[1] == width  # columns kept past the window
     assert sizes[-1] == 1 and sorted(set(sizes), reverse=True) == [4, 3, 2, 1]
     for seq, prompt in zip(seqs, prompts, strict=True):
-        ref = model.generate(
-            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens,
-            min_new_tokens=seq.max_new_tokens, do_sample=False,
-        )[0, len(prompt):].tolist()  # fmt: skip
-        assert seq.output_ids == ref, seq.request_id
+        assert seq.output_ids == _reference(model, prompt, seq.max_new_tokens), seq.request_id
 
 
 def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
@@ -192,11 +196,7 @@ def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
             seq.published = seq.published or seq.finished
         batch = engine.evict(batch)
     for seq, prompt in zip(everyone, prompts, strict=True):
-        ref = model.generate(
-            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens,
-            min_new_tokens=seq.max_new_tokens, do_sample=False,
-        )[0, len(prompt):].tolist()  # fmt: skip
-        assert seq.output_ids == ref, seq.request_id
+        assert seq.output_ids == _reference(model, prompt, seq.max_new_tokens), seq.request_id
 
 
 def test_frequency_penalty_and_top_k(tiny_lm):
@@ -249,7 +249,4 @@ def test_sliding_window_model_prefills_in_groups_only_while_its_window_holds(tin
     seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
     _run(engine, seqs)
     for seq, prompt in zip(seqs, ids, strict=True):
-        ref = model.generate(
-            torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False
-        )[0, len(prompt):].tolist()  # fmt: skip
-        assert seq.output_ids == ref, seq.request_id
+        assert seq.output_ids == _reference(model, prompt, 6), seq.request_id
