@@ -16,6 +16,8 @@ WORKER_HEARTBEAT_S = 2.0
 WORKER_TTL_S = 10
 # A result stream nobody reads any more disappears after this long.
 RESULT_TTL_S = 120
+# A gateway's wake stream (one entry) outlives a gateway that died this long.
+WAKE_TTL_S = 3600
 # A cancel mark lives this long; the worker checks it between decode steps.
 CANCEL_TTL_S = 300
 
@@ -31,6 +33,11 @@ class Keys:
     def results(self, request_id: str) -> str:
         """Per-request stream of tokens, ending with exactly one final record."""
         return f"{self.prefix}:res:{request_id}"
+
+    def wake(self, reader_id: str) -> str:
+        """A gateway's own stream, written to end its blocking read of result
+        streams when a new one joins it."""
+        return f"{self.prefix}:wake:{reader_id}"
 
     def cancel(self, request_id: str) -> str:
         """Set when the client went away; the worker stops that sequence."""

@@ -49,4 +49,5 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await guard.close()
+    await broker.close()
     await redis.aclose()

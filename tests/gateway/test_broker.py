@@ -1,44 +1,111 @@
-"""The gateway's reading of a result stream, on the real Redis."""
+"""The gateway's reading of result streams, on the real Redis."""
 
+import asyncio
 import time
+
+import pytest
 
 from bastion_common import keys as K
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord
+from bastion_gateway import broker as broker_module
 from bastion_gateway.broker import Broker
 
 
-def _request(keys: K.Keys) -> GenerationRequest:
+def _request(keys: K.Keys, rid: str = "r1") -> GenerationRequest:
     now = time.time()
     return GenerationRequest(
-        id="r1", model="m", prompt="hi",
+        id=rid, model="m", prompt="hi",
         requester=Requester(subject="s", tenant="t", role="user"),
-        result_stream=keys.results("r1"), cancel_key=keys.cancel("r1"),
+        result_stream=keys.results(rid), cancel_key=keys.cancel(rid),
         enqueued_at=now, deadline=now + 30,
     )  # fmt: skip
+
+
+@pytest.fixture
+async def broker(aredis, key_prefix):
+    broker = Broker(aredis, K.Keys(key_prefix))
+    yield broker
+    await broker.close()
 
 
 async def _read(broker, request):
     return [record async for record in broker.results(request)]
 
 
-async def test_tokens_that_arrived_together_come_out_as_one_record(aredis, key_prefix):
-    keys = K.Keys(key_prefix)
-    broker, request = Broker(aredis, keys), _request(keys)
-    for text in ("He", "llo", ", wor"):
-        await aredis.xadd(request.result_stream, ResultRecord(kind="token", text=text).dump())
+async def _put(aredis, request, *records):
+    for record in records:
+        await aredis.xadd(request.result_stream, record.dump())
+
+
+async def test_tokens_that_arrived_together_come_out_as_one_record(aredis, broker):
+    request = _request(broker.keys)
+    await broker.enqueue(request)
+    tokens = [ResultRecord(kind="token", text=t) for t in ("He", "llo", ", wor")]
     done = ResultRecord(kind="done", text="ld", finish_reason="stop", completion_tokens=4)
-    await aredis.xadd(request.result_stream, done.dump())
+    await _put(aredis, request, *tokens, done)
     records = await _read(broker, request)
     assert [(r.kind, r.text) for r in records] == [("done", "Hello, world")]
     assert records[0].completion_tokens == 4 and records[0].finish_reason == "stop"
 
 
-async def test_tokens_before_an_error_are_not_lost(aredis, key_prefix):
-    keys = K.Keys(key_prefix)
-    broker, request = Broker(aredis, keys), _request(keys)
-    for text in ("a", "b"):
-        await aredis.xadd(request.result_stream, ResultRecord(kind="token", text=text).dump())
+async def test_tokens_before_an_error_are_not_lost(aredis, broker):
+    request = _request(broker.keys)
+    await broker.enqueue(request)
     failed = ResultRecord(kind="error", error_type="InternalError", error_message="x")
-    await aredis.xadd(request.result_stream, failed.dump())
+    await _put(aredis, request, ResultRecord(kind="token", text="a"),
+               ResultRecord(kind="token", text="b"), failed)  # fmt: skip
     records = await _read(broker, request)
     assert [(r.kind, r.text) for r in records] == [("token", "ab"), ("error", "")]
+
+
+async def test_a_stream_that_joins_during_a_blocking_read_is_read_at_once(
+    aredis, broker, monkeypatch
+):
+    # With a read that blocks for a minute, the second request's records would
+    # wait for it to time out unless joining ends the read.
+    monkeypatch.setattr(broker_module, "READ_BLOCK_MAX_MS", 60_000)
+    first, second = _request(broker.keys, "r1"), _request(broker.keys, "r2")
+    await broker.enqueue(first)
+    reading = asyncio.create_task(_read(broker, first))
+    deadline = time.monotonic() + 10
+    while not broker._reader._reading:  # the shared read is out, blocking
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    await broker.enqueue(second)
+    await _put(aredis, second, ResultRecord(kind="done", text="x", finish_reason="stop"))
+    records = await asyncio.wait_for(_read(broker, second), 5)
+    assert [(r.kind, r.text) for r in records] == [("done", "x")]
+    assert not reading.done()  # the first one still waits for its own records
+    await _put(aredis, first, ResultRecord(kind="done", text="y", finish_reason="stop"))
+    assert [(r.kind, r.text) for r in await asyncio.wait_for(reading, 5)] == [("done", "y")]
+
+
+async def test_many_streams_each_get_their_own_records(aredis, broker):
+    requests = [_request(broker.keys, f"r{i}") for i in range(20)]
+    for request in requests:
+        await broker.enqueue(request)
+    readers = [asyncio.create_task(_read(broker, r)) for r in requests]
+    for step in range(3):
+        for i, request in enumerate(requests):
+            await _put(aredis, request, ResultRecord(kind="token", text=f"{i}.{step} "))
+    for request in requests:
+        await _put(aredis, request, ResultRecord(kind="done", text="", finish_reason="length"))
+    for i, reader in enumerate(readers):
+        records = await asyncio.wait_for(reader, 10)
+        assert "".join(r.text for r in records) == f"{i}.0 {i}.1 {i}.2 "
+        assert records[-1].kind == "done"
+
+
+async def test_a_forgotten_stream_is_no_longer_read(aredis, broker):
+    request = _request(broker.keys)
+    entry_id = await broker.enqueue(request)
+    await broker.forget(request, entry_id)
+    assert request.result_stream not in broker._reader._boxes
+    assert not await aredis.exists(request.result_stream)
+
+
+async def test_the_deadline_ends_a_wait_with_a_timeout(broker):
+    request = _request(broker.keys).model_copy(update={"deadline": time.time() + 0.3})
+    await broker.enqueue(request)
+    with pytest.raises(Exception, match="time limit"):
+        await _read(broker, request)
