@@ -66,7 +66,10 @@ def sample(
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
 ) -> list[int]:
-    chosen = torch.argmax(logits, dim=-1).tolist()  # plain greedy rows, all at once
+    # Plain greedy rows, all at once. max() returns the same (first) index as
+    # argmax(), and on bf16 logits on the CPU it runs 4x faster: at Gemma 3's
+    # 262k-token vocabulary, 2.7 against 11.5 ms for 24 rows.
+    chosen = logits.max(dim=-1).indices.tolist()
     for i, p in enumerate(params):
         if p.temperature != 0.0 or p.penalised:
             row = penalise(logits[i], p, *histories[i]) if p.penalised else logits[i]
