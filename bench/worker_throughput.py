@@ -31,7 +31,8 @@ import redis.asyncio as aioredis
 import torch
 
 from bastion_cli.stack import embedded_valkey, redis_answers
-from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
+from bastion_common.messages import GenerationRequest, Requester, SamplingParams
+from bastion_gateway.broker import Broker
 from bastion_worker.loader import LoadedModel, load, pick_dtype, stored_dtype
 from bastion_worker.settings import WorkerSettings
 from bench.report import RESULTS, publish
@@ -214,9 +215,11 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
 async def run_worker(
     settings: WorkerSettings, prompts: list[str], items: list[Item], concurrency: int
 ) -> Run:
-    """(c): clients that put requests on the worker's stream and read its result
-    streams, as the gateway does, with nothing else in between."""
+    """(c): clients that queue requests on the worker's stream and read their
+    results through the gateway's own Redis side (one shared read for all result
+    streams), with nothing else in between."""
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    broker = Broker(redis, settings.keys)
     queue = list(zip(prompts, items, strict=True))
     traces: list[Trace] = []
 
@@ -235,28 +238,19 @@ async def run_worker(
                 enqueued_at=now, deadline=now + 3600,
             )  # fmt: skip
             trace = Trace(time.perf_counter())
-            await redis.xadd(settings.keys.requests(settings.served_name), request.dump())
-            last = "0-0"
-            while True:
-                reply = await redis.xread({request.result_stream: last}, block=1000)
-                done = False
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        last = entry_id
-                        record = ResultRecord.load(fields)
-                        if record.kind == "token":
-                            trace.tokens.append(time.perf_counter())
-                        else:
-                            trace.output_tokens = record.completion_tokens
-                            done = True
-                if done:
-                    break
-            await redis.delete(request.result_stream)
+            entry_id = await broker.enqueue(request)
+            async for record in broker.results(request):
+                if record.text:  # tokens that arrived together come as one piece, as in (d)
+                    trace.tokens.append(time.perf_counter())
+                if record.kind == "done":
+                    trace.output_tokens = record.completion_tokens
+            await broker.forget(request, entry_id)
             traces.append(trace)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    await broker.close()
     await redis.aclose()
     return Run("(c) Bastion worker (Redis included)", concurrency, wall, traces)
 
