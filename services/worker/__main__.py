@@ -42,6 +42,13 @@ async def serve(settings: WorkerSettings) -> None:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     engine = Engine(lm)
+    if settings.compile:
+        try:
+            await asyncio.to_thread(engine.warm_up)
+        except Exception as exc:  # whatever the compiler raised: say it and stop
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            log.error("cannot start: torch.compile failed on this model: %s", reason)
+            raise SystemExit(2) from None
     if not settings.torch_threads and lm.device.type == "cpu":
         await asyncio.to_thread(threads.choose, engine, settings.max_batch_size)
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)

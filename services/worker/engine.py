@@ -213,6 +213,21 @@ class Engine:
             seq.pending_text += seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
             seq.finish_reason = "length"
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run a prefill and two decode steps at 2 rows, then at 1, and throw them
+        away: torch.compile compiles these shapes here, at start-up, and a model
+        it cannot compile fails here instead of at a first request."""
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        for rows in (2, 1):
+            seqs = [
+                self.new_sequence(f"warm-up-{i}", [self.lm.pad_id] * (4 + i), params, 3, ())
+                for i in range(rows)
+            ]
+            batch = self.prefill(seqs)
+            for _ in range(2):
+                self.decode_step(batch)
+
     @staticmethod
     def cancel(seq: Sequence) -> None:
         if not seq.finished:
