@@ -16,7 +16,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bastion_common import keys as K
-from bastion_common.errors import TimeoutError_
+from bastion_common.errors import ServiceUnavailableError, TimeoutError_
 from bastion_common.messages import AuditEvent, GenerationRequest, ResultRecord
 
 LIVE_CACHE_S = 1.0
@@ -69,7 +69,10 @@ class Broker:
                 raise TimeoutError_("The request did not finish within the gateway's time limit.")
             box.ready.clear()
             if box.error is not None:
-                raise box.error
+                raise ServiceUnavailableError(
+                    "The gateway lost its connection to the queue; the request was stopped.",
+                    code="queue_unavailable",
+                ) from box.error
             arrived, box.entries = box.entries, []
             pending: list[str] = []
             for fields in arrived:
@@ -167,14 +170,15 @@ class _ResultReader:
                 await self._wanted.wait()
                 continue
             self._reading = True
+            streams: dict[Any, Any] = {s: box.last for s, box in self._boxes.items()}
+            streams[self._wake_key] = self._wake_last
             try:
-                streams: dict[Any, Any] = {s: box.last for s, box in self._boxes.items()}
-                streams[self._wake_key] = self._wake_last
                 reply: Any = await self._redis.xread(streams, block=READ_BLOCK_MAX_MS)
             except (RedisError, OSError) as exc:
-                for failed in self._boxes.values():
-                    failed.error = exc
-                    failed.ready.set()
+                for stream in streams:  # the streams of this read, not ones that joined since
+                    if (failed := self._boxes.get(stream)) is not None:
+                        failed.error = exc
+                        failed.ready.set()
                 await asyncio.sleep(READ_RETRY_S)  # Redis is away: retry, not spin
                 continue
             finally:

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from bastion_common import keys as K
+from bastion_common.errors import ServiceUnavailableError
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord
 from bastion_gateway import broker as broker_module
 from bastion_gateway.broker import Broker
@@ -109,3 +110,17 @@ async def test_the_deadline_ends_a_wait_with_a_timeout(broker):
     await broker.enqueue(request)
     with pytest.raises(Exception, match="time limit"):
         await _read(broker, request)
+
+
+async def test_a_failed_read_stops_its_waiters_with_a_503_and_reading_recovers(aredis, broker):
+    # A result key that is not a stream makes Redis refuse the whole shared read.
+    broken, later = _request(broker.keys, "r1"), _request(broker.keys, "r2")
+    entry_id = await broker.enqueue(broken)
+    await aredis.set(broken.result_stream, "not a stream")
+    with pytest.raises(ServiceUnavailableError) as failure:
+        await asyncio.wait_for(_read(broker, broken), 5)
+    assert failure.value.code == "queue_unavailable"
+    await broker.forget(broken, entry_id)
+    await broker.enqueue(later)
+    await _put(aredis, later, ResultRecord(kind="done", text="ok", finish_reason="stop"))
+    assert [r.text for r in await asyncio.wait_for(_read(broker, later), 5)] == ["ok"]
