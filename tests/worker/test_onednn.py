@@ -35,11 +35,18 @@ def test_packed_bfloat16_linear_matches_nn_linear_to_bfloat16_rounding():
         torch.testing.assert_close(got.float(), dense(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_only_large_enough_layers_are_packed():
+def test_only_large_enough_fp32_layers_are_packed():
     model = nn.Sequential(nn.Linear(1024, 1024), nn.Sequential(nn.Linear(8, 8)))
     assert onednn.pack_linears(model) == 1
     assert isinstance(model[0], onednn.PackedLinear)
     assert type(model[1][0]) is nn.Linear
+
+
+@pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="this CPU has no native bfloat16")
+def test_every_bfloat16_layer_is_packed():
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Sequential(nn.Linear(8, 8))).bfloat16()
+    assert onednn.pack_linears(model) == 2
+    assert isinstance(model[1][0], onednn.PackedLinear)
 
 
 def _greedy(lm, prompt, n=12):
