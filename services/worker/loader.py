@@ -187,6 +187,7 @@ def load(
     if quant is None:
         model.to(device)
     model.eval()
+    params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     if linear == "onednn":
         linear = f"onednn ({onednn.pack_linears(model)} layers packed)"
     if compile_model:
@@ -208,6 +209,6 @@ def load(
         model.config._attn_implementation,
         linear,
         context,
-        sum(p.numel() for p in model.parameters()),
+        params,
     )
     return LoadedModel(model, tokenizer, device, context, eos, int(pad), template, stops)
