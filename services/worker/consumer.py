@@ -34,6 +34,10 @@ from bastion_worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
 CANCEL_CHECK_S = 0.05  # how often cancel marks are read while a batch runs
+# How often the queue is checked for requests a stopped worker had taken, and how
+# long such a request must have sat since it was handed out before it is taken over.
+ORPHAN_CHECK_S = K.WORKER_HEARTBEAT_S
+ORPHAN_IDLE_MS = K.WORKER_TTL_S * 1000
 Entries = list[tuple[str, dict[str, str] | None]]
 
 
@@ -61,7 +65,9 @@ class Consumer:
         self.running: dict[str, Ticket] = {}
         self.batch: Batch | None = None
         self._cancels_checked = 0.0
+        self._orphans_checked = 0.0
         self.preemptions = 0
+        self.orphan_checks = 0
         # Read with a step's records; taken (tokenised) once the step is over,
         # so the tokenizer is never used from two threads at once.
         self._arrived: Entries = []
@@ -74,6 +80,9 @@ class Consumer:
             # Our own unacknowledged entries first (from a previous life), then new ones.
             await self._take(await self._read("0", count=None, block=None))
             while not stop.is_set() or self.batch is not None or self.waiting or self._arrived:
+                if time.monotonic() - self._orphans_checked > ORPHAN_CHECK_S and not stop.is_set():
+                    await self._adopt_orphans()
+                    self._orphans_checked = time.monotonic()
                 if self.batch is None and not stop.is_set():
                     await self._pull()  # while a batch runs, each step's round trip reads
                 arrived, self._arrived = self._arrived, []
@@ -118,6 +127,52 @@ class Consumer:
             return
         idle = self.batch is None and not self.waiting
         await self._take(await self._read(">", count=free, block=READ_BLOCK_MS if idle else None))
+
+    async def _adopt_orphans(self) -> None:
+        """Take over requests that a worker which stopped had taken: pending for
+        a consumer whose registration has expired, and handed out at least
+        ``ORPHAN_IDLE_MS`` ago. One that had not sent anything yet is served
+        here; one whose answer had begun gets a final error record (its text
+        cannot be resumed where it broke off)."""
+        self.orphan_checks += 1
+        free = self._free_slots()
+        if free <= 0:
+            return
+        summary = await self.redis.xpending(self.stream, K.WORKER_GROUP)
+        for consumer in summary["consumers"]:
+            name = consumer["name"]
+            if free <= 0 or name == self.settings.worker_id:
+                continue
+            if await self.redis.exists(self.keys.worker(self.model, name)):
+                continue  # alive: its requests are its own
+            pending = await self.redis.xpending_range(
+                self.stream, K.WORKER_GROUP, min="-", max="+", count=free,
+                consumername=name, idle=ORPHAN_IDLE_MS,
+            )  # fmt: skip
+            if not pending:
+                continue
+            ids = [p["message_id"] for p in pending]
+            claimed: Entries = await self.redis.xclaim(
+                self.stream, K.WORKER_GROUP, self.settings.worker_id, ORPHAN_IDLE_MS, ids
+            )
+            log.warning("took over %d request(s) from stopped worker %s", len(claimed), name)
+            free -= len(claimed)
+            fresh: Entries = []
+            for entry_id, fields in claimed:
+                try:
+                    request = GenerationRequest.load(fields) if fields else None
+                except (ValidationError, KeyError):
+                    request = None  # _take drops it
+                if request is not None and await self.redis.exists(request.result_stream):
+                    lost = InternalError(
+                        "The worker serving this request stopped before it finished.",
+                        code="worker_lost",
+                    )
+                    await self._publish(request, ResultRecord(kind="error", **_error_fields(lost)))
+                    await self._done(entry_id)
+                else:
+                    fresh.append((entry_id, fields))
+            await self._take(fresh)
 
     async def _take(self, entries: Entries) -> None:
         for entry_id, fields in entries:

@@ -1,6 +1,7 @@
 """The worker's consumer loop against the real Redis and the tiny model."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -221,3 +222,75 @@ async def test_a_running_worker_takes_only_what_it_has_room_for(
     stop.set()
     await asyncio.wait_for(task, 30)
     assert max(held) == 2  # a full batch, and never more taken than it has room for
+
+
+@pytest.fixture
+def orphan_settings(tiny_model_path, key_prefix, redis_url, monkeypatch):
+    from bastion_worker import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "ORPHAN_IDLE_MS", 0)
+    monkeypatch.setattr(consumer_module, "ORPHAN_CHECK_S", 0.05)
+    return WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w2"
+    )
+
+
+async def _taken_by(aredis, settings, consumer_name, req):
+    """``req`` queued and handed to ``consumer_name``, as if that worker read it."""
+    stream = settings.keys.requests(settings.served_name)
+    await aredis.xgroup_create(stream, K.WORKER_GROUP, id="0", mkstream=True)
+    await aredis.xadd(stream, req.dump())
+    await aredis.xreadgroup(K.WORKER_GROUP, consumer_name, {stream: ">"}, count=1)
+    return stream
+
+
+@contextlib.asynccontextmanager
+async def _running(tiny_lm, settings, aredis):
+    stop = asyncio.Event()
+    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    task = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_a_stopped_workers_unanswered_request_is_served_by_another(
+    tiny_lm, orphan_settings, aredis
+):
+    req = _request(orphan_settings, max_tokens=5, temperature=0.0, ignore_eos=True)
+    stream = await _taken_by(aredis, orphan_settings, "gone", req)  # "gone" never registered
+    async with _running(tiny_lm, orphan_settings, aredis):
+        records = await _results(aredis, req)
+    assert records[-1].kind == "done" and records[-1].completion_tokens == 5
+    assert (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 0
+
+
+async def test_a_stopped_workers_half_sent_answer_ends_with_an_error(
+    tiny_lm, orphan_settings, aredis
+):
+    req = _request(orphan_settings, max_tokens=50, temperature=0.0)
+    stream = await _taken_by(aredis, orphan_settings, "gone", req)
+    await aredis.xadd(req.result_stream, ResultRecord(kind="token", text="Hal").dump())
+    async with _running(tiny_lm, orphan_settings, aredis):
+        records = await _results(aredis, req)
+    assert [r.kind for r in records] == ["token", "error"]  # not a second answer after "Hal"
+    assert records[-1].error_code == "worker_lost"
+    assert (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 0
+
+
+async def test_a_live_workers_requests_are_left_to_it(tiny_lm, orphan_settings, aredis):
+    keys = orphan_settings.keys
+    await aredis.set(keys.worker(orphan_settings.served_name, "alive"), "{}", ex=60)
+    req = _request(orphan_settings, max_tokens=5)
+    stream = await _taken_by(aredis, orphan_settings, "alive", req)
+    async with _running(tiny_lm, orphan_settings, aredis) as consumer:
+
+        async def checked_twice():
+            return consumer.orphan_checks >= 2
+
+        await eventually(checked_twice)
+    pending = await aredis.xpending(stream, K.WORKER_GROUP)
+    assert pending["consumers"] == [{"name": "alive", "pending": 1}]
+    assert not await aredis.exists(req.result_stream)
