@@ -21,12 +21,12 @@ from pydantic import ValidationError
 from bastion_auditor.settings import AuditorSettings
 from bastion_auditor.store import AuditStore
 from bastion_common import keys as K
+from bastion_common.aio import Entries, group_entries
 from bastion_common.messages import AuditEvent
 
 log = logging.getLogger(__name__)
 READ_BLOCK_MS = 1000
 RETRY_S = 1.0
-Entries = list[tuple[str, dict[str, str] | None]]
 
 
 class AuditConsumer:
@@ -65,7 +65,7 @@ class AuditConsumer:
             count=count,
             block=block,
         )
-        return [e for _, es in reply for e in es] if reply else []
+        return group_entries(reply)
 
     async def _store(self, entries: Entries) -> bool:
         events: list[AuditEvent] = []

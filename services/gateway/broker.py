@@ -4,7 +4,6 @@ request, reading its result stream, cancelling, and emitting audit events."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bastion_common import keys as K
+from bastion_common.aio import cancel
 from bastion_common.errors import ServiceUnavailableError, TimeoutError_
 from bastion_common.messages import AuditEvent, GenerationRequest, ResultRecord
 
@@ -195,8 +195,5 @@ class _ResultReader:
                 found.ready.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self._redis.delete(self._wake_key)

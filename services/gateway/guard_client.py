@@ -11,13 +11,13 @@ flight at a time. Under load, batches grow instead of messages multiplying
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bastion_common.aio import cancel
 from bastion_common.errors import ServiceUnavailableError
 from bastion_common.pb import guard_pb2, guard_pb2_grpc
 
@@ -177,10 +177,7 @@ class _Batcher:
             self._ready.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
 
 def _fail(items: list[_Pending], cause: BaseException | None) -> None:

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from bastion_common import keys as K
+from bastion_common.aio import Entries, cancel, group_entries
 from bastion_common.errors import BastionError, InternalError, InvalidRequestError, TimeoutError_
 from bastion_common.messages import GenerationRequest, ResultRecord
 from bastion_worker.engine import Batch, Engine, Sequence
@@ -38,7 +39,6 @@ CANCEL_CHECK_S = 0.05  # how often cancel marks are read while a batch runs
 # long such a request must have sat since it was handed out before it is taken over.
 ORPHAN_CHECK_S = K.WORKER_HEARTBEAT_S
 ORPHAN_IDLE_MS = K.WORKER_TTL_S * 1000
-Entries = list[tuple[str, dict[str, str] | None]]
 
 
 @dataclass
@@ -91,9 +91,7 @@ class Consumer:
                 if self.batch is not None:
                     await self._step(pull=not stop.is_set())
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await cancel(heartbeat)
             await self.redis.delete(self.keys.worker(self.model, self.settings.worker_id))
 
     async def _ensure_group(self) -> None:
@@ -115,7 +113,7 @@ class Consumer:
         reply = await self.redis.xreadgroup(
             K.WORKER_GROUP, self.settings.worker_id, {self.stream: start}, count=count, block=block
         )
-        return _entries(reply)
+        return group_entries(reply)
 
     def _free_slots(self, leaving: int = 0) -> int:
         """Requests there is room for; the rest stays in the stream for other workers."""
@@ -354,7 +352,7 @@ class Consumer:
         for ticket in ended:
             del self.running[ticket.request.id]
         if reading and not isinstance(replies[-1], Exception):
-            self._arrived += _entries(replies[-1])
+            self._arrived += group_entries(replies[-1])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -390,11 +388,6 @@ def _ack(pipe: aioredis.client.Pipeline, stream: str, entry_id: str) -> None:
     """Acknowledge and delete a stream entry: nothing of it stays in Redis."""
     pipe.xack(stream, K.WORKER_GROUP, entry_id)
     pipe.xdel(stream, entry_id)
-
-
-def _entries(reply: Any) -> Entries:
-    """The entries of an XREADGROUP reply on one stream."""
-    return [entry for _, entries in reply for entry in entries] if reply else []
 
 
 def _error_fields(exc: BastionError) -> dict[str, str | None]:
