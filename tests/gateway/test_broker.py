@@ -34,8 +34,11 @@ async def _read(broker, request):
 
 
 async def _put(aredis, request, *records):
+    """Write ``records`` in one transaction: a read sees all of them or none."""
+    pipe = aredis.pipeline(transaction=True)
     for record in records:
-        await aredis.xadd(request.result_stream, record.dump())
+        pipe.xadd(request.result_stream, record.dump())
+    await pipe.execute()
 
 
 async def test_tokens_that_arrived_together_come_out_as_one_record(aredis, broker):
