@@ -451,6 +451,7 @@ def bench_model(
     # (a) and (b) run the model as transformers loads it (dense layers, the
     # worker's dtype); the worker loads its own.
     lm = load(path, "cpu", "auto", linear="dense")
+    lm.model.set_attn_implementation("sdpa")  # transformers' own, not the worker's packed one
     items = make(lm.tokenizer, n, output_range=outputs)
     prompts = [lm.tokenizer.decode(item.prompt_ids) for item in items]
     text_of = {id(item): prompt for item, prompt in zip(items, prompts, strict=True)}

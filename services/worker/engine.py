@@ -1,9 +1,11 @@
 """The batched forward passes. Owns torch; knows nothing of Redis or HTTP.
 
-New sequences are prefilled together (prompts left-padded to one length) and,
-where the cache allows (:mod:`bastion_worker.batching`), joined to the running
-batch; every step decodes one token for each live row with the KV cache
-carried between steps; finished rows leave the batch at once.
+New sequences are prefilled together, packed into one row without padding
+(:mod:`bastion_worker.attention`) where the model's attention allows, else
+left-padded to one length, and, where the cache allows
+(:mod:`bastion_worker.batching`), joined to the running batch; every step
+decodes one token for each live row with the KV cache carried between steps;
+finished rows leave the batch at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import batching, kvcache
+from bastion_worker import attention, batching, kvcache
 from bastion_worker.detokenize import IncrementalDetokenizer
 from bastion_worker.loader import LoadedModel
 from bastion_worker.sampling import make_generator, sample
@@ -69,6 +71,7 @@ class Batch:
 class Engine:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
+        self.packs = attention.packs(lm.model)
 
     def new_sequence(
         self,
@@ -87,10 +90,14 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> Batch:
         """Prefill prompts, plus what a preempted sequence had already generated:
-        in passes of similar length (less padding computed) joined into one batch."""
+        packed into one pass where the model's attention allows, else
+        left-padded in passes of similar length (less padding computed) joined
+        into one batch. Past a sliding window, one left-padded pass."""
         lengths = [len(s.prompt_ids) + len(s.output_ids) for s in seqs]
         if not batching.joinable_after_prefill(self.lm.model.config, max(lengths)):
             return self._prefill(seqs)
+        if self.packs:
+            return self._prefill_packed(seqs)
         batch: Batch | None = None
         for group in batching.length_groups(lengths):
             new = self._prefill([seqs[i] for i in group])
@@ -121,6 +128,36 @@ class Engine:
         )
         batch = Batch(seqs, cache, mask, positions[:, -1], ids[:, -1])
         self._advance(batch, out.logits[:, -1, :])
+        return batch
+
+    def _prefill_packed(self, seqs: list[Sequence]) -> Batch:
+        device = self.lm.device
+        contexts = [s.prompt_ids + s.output_ids for s in seqs]
+        lengths = [len(c) for c in contexts]
+        ends = torch.tensor(lengths).cumsum(0)  # [B]
+        spans = [(int(e) - n, int(e)) for e, n in zip(ends, lengths, strict=True)]
+        ids = torch.tensor([t for c in contexts for t in c], device=device)[None]  # [1, T]
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]  # [1, T]
+        writer = kvcache.PackedWriter(self.lm.model.config, lengths, device)
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=attention.NO_MASK,
+            position_ids=positions,
+            cache=writer,
+            use_cache=True,
+            logits_to_keep=(ends - 1).to(device),  # each prompt's last position
+            **{attention.SPANS: spans},
+        )
+        width = writer.width
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
+        for row, n in enumerate(lengths):
+            mask[row, width - n :] = 1
+        last = torch.tensor([c[-1] for c in contexts])
+        batch = Batch(
+            seqs, writer.cache, mask.to(device), torch.tensor(lengths, device=device) - 1,
+            last.to(device),
+        )  # fmt: skip
+        self._advance(batch, out.logits[0])  # [B, V]
         return batch
 
     @torch.inference_mode()

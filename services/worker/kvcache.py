@@ -159,6 +159,41 @@ class BufferedSlidingWindowLayer(BufferedLayer, DynamicSlidingWindowLayer):
         return full[0], full[1]
 
 
+class PackedWriter:
+    """Stands in for the cache during a packed prefill
+    (:mod:`bastion_worker.attention`): each layer's new keys and values, every
+    prompt's positions back to back in one row, are scattered into a fresh
+    left-padded ``[prompts, kv_heads, width, head_dim]`` cache for the decode
+    steps, and handed back as they are for the packed attention."""
+
+    def __init__(self, config: object, lengths: list[int], device: torch.device) -> None:
+        self.cache = new_cache(config)
+        self.rows, self.width = len(lengths), max(lengths)
+        # Where each packed position goes: its prompt's row, right-aligned columns.
+        row = torch.repeat_interleave(torch.arange(self.rows), torch.tensor(lengths))  # [T]
+        col = torch.cat([torch.arange(self.width - n, self.width) for n in lengths])  # [T]
+        self._row, self._col = row.to(device), col.to(device)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        layer = self.cache.layers[layer_idx]
+        assert isinstance(layer, BufferedLayer)
+        layer.lazy_initialization(key_states, value_states)
+        layer.keys = self._scatter(key_states)
+        layer.values = self._scatter(value_states)
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = self.width  # the engine packs only within the window
+        return key_states, value_states
+
+    def _scatter(self, states: torch.Tensor) -> torch.Tensor:  # [1, kv_heads, T, head_dim]
+        heads, dim = states.shape[1], states.shape[-1]
+        padded = states.new_zeros((self.rows, heads, self.width, dim))
+        padded[self._row, :, self._col] = states[0].transpose(0, 1)  # [T, kv_heads, head_dim]
+        return padded
+
+
 def new_cache(config: object) -> DynamicCache:
     """A cache for ``config``'s layer types with buffered layers in place of
     transformers' dynamic ones (other layer types are kept as they are)."""

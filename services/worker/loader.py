@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bastion_common.errors import InvalidRequestError
 from bastion_common.messages import ChatMessage
+from bastion_worker import attention as packed_attention
 from bastion_worker import onednn
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,15 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     quant = quantization_config(quantization, dtype)
     linear = pick_linear(linear, device, dtype, quantization, compile_model)
+    attn = pick_attention(attention, device)
+    if attn == "sdpa":  # the same SDPA, and prompts prefilled packed
+        packed_attention.register()
+        attn = packed_attention.NAME
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
         local_files_only=True,
-        attn_implementation=pick_attention(attention, device),
+        attn_implementation=attn,
         quantization_config=quant,
         device_map=str(device) if quant is not None else None,
     )

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
+from bastion_worker import attention
 from bastion_worker.engine import Engine
 
 PROMPTS = [
@@ -14,16 +15,18 @@ PROMPTS = [
 ]
 
 
-def _gemma_shaped(tiny_lm, window, head_dim):
+def _gemma_shaped(tiny_lm, window, head_dim, attn=attention.NAME):
     """A tiny Gemma 3-shaped model (a sliding and a full attention layer) on the
-    tiny model's tokenizer, randomly initialised with a fixed seed."""
+    tiny model's tokenizer, randomly initialised with a fixed seed, with the
+    worker's attention (packed prefill) unless ``attn`` says otherwise."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+    attention.register()
     config = Gemma3TextConfig(
         vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
         sliding_window=window, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id,
+        max_position_embeddings=512, pad_token_id=tiny_lm.pad_id, attn_implementation=attn,
     )  # fmt: skip
     torch.manual_seed(0)
     return Gemma3ForCausalLM(config).eval()
@@ -217,13 +220,11 @@ def test_frequency_penalty_and_top_k(tiny_lm):
     assert run(temperature=0.0, repetition_penalty=1.3, ignore_eos=True) != plain
 
 
-def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(tiny_lm):
-    from bastion_worker import batching
-
+def test_prompts_of_very_different_lengths_prefill_packed_and_match_generate(tiny_lm):
     engine = Engine(tiny_lm)
+    assert engine.packs
     greedy = SamplingParams(temperature=0.0)
     ids = _prompts_of_lengths(tiny_lm, (3, 120, 9, 64, 40, 100, 20, 80))
-    assert len(batching.length_groups([len(x) for x in ids])) > 1
     seqs = [engine.new_sequence(str(i), x, greedy, 6, ()) for i, x in enumerate(ids)]
     batch = _run(engine, seqs)
     assert sorted(s.request_id for s in batch.seqs) == sorted(s.request_id for s in seqs)
@@ -234,14 +235,19 @@ def test_prompts_of_very_different_lengths_prefill_in_groups_and_match_generate(
         assert seq.output_ids == ref[: len(seq.output_ids)]
 
 
+@pytest.mark.parametrize("attn", [attention.NAME, "sdpa"])
 @pytest.mark.parametrize("window", [48, 200])
-def test_sliding_window_model_prefills_in_groups_only_while_its_window_holds(tiny_lm, window):
-    """With a window wider than the prompts, a Gemma 3-shaped model prefills in
-    passes of similar length; with a narrower one, in one pass. Both match generate()."""
+def test_sliding_window_model_prefills_packed_or_in_groups_only_while_its_window_holds(
+    tiny_lm, window, attn
+):
+    """With a window wider than the prompts, a Gemma 3-shaped model prefills
+    packed (the worker's attention) or in left-padded passes of similar length
+    (plain SDPA); with a narrower one, in one left-padded pass. All match generate()."""
     from bastion_worker import batching
 
-    model = _gemma_shaped(tiny_lm, window=window, head_dim=32)
+    model = _gemma_shaped(tiny_lm, window=window, head_dim=32, attn=attn)
     engine = Engine(_serving(tiny_lm, model))
+    assert engine.packs == (attn == attention.NAME)
     ids = _prompts_of_lengths(tiny_lm, (3, 120, 9, 64, 40, 100))
     grouped = batching.joinable_after_prefill(model.config, 120)
     assert grouped == (window == 200)

@@ -35,8 +35,10 @@ def test_flash_attention_without_cuda_fails_at_load(tiny_model_path):
         load(tiny_model_path, "cpu", "float32", attention="flash_attention_2")
 
 
-def test_auto_attention_is_sdpa_on_cpu(tiny_lm):
-    assert tiny_lm.model.config._attn_implementation == "sdpa"
+def test_auto_attention_is_sdpa_with_packed_prefill_on_cpu(tiny_lm):
+    from bastion_worker import attention
+
+    assert tiny_lm.model.config._attn_implementation == attention.NAME
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
