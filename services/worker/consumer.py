@@ -6,9 +6,9 @@ thread so the event loop stays responsive.
 Each iteration: let the scheduler pick which waiting requests join now,
 prefill and join them, then start the batch's next decode step and, while it
 runs, in one Redis round trip: publish every sequence's new text, acknowledge
-the requests that ended, and read only as many new requests as there are free
-slots (the rest stay in the stream for other workers). Only an idle worker
-blocks on the stream.
+the requests that ended, read only as many new requests as there are free
+slots (the rest stay in the stream for other workers) and, every 50 ms, the
+running requests' cancel marks. Only an idle worker blocks on the stream.
 """
 
 from __future__ import annotations
@@ -274,15 +274,13 @@ class Consumer:
         batch = self.batch
         assert batch is not None
         try:
-            if time.monotonic() - self._cancels_checked > CANCEL_CHECK_S:
-                await self._apply_cancels(batch)
-                self._cancels_checked = time.monotonic()
             # Take the last step's output, let finished rows leave, then send it
-            # (and read new requests, in the same round trip) while the next step
-            # runs: Redis I/O overlaps the forward pass.
+            # (and read new requests and cancel marks, in the same round trip)
+            # while the next step runs: Redis I/O overlaps the forward pass.
             pipe, ended = self._collect()
             self.batch = self.engine.evict(batch)
             self._preempt_over_budget()
+            watched = self._watch_cancels(pipe)
             free = self._free_slots(leaving=len(ended)) if pull else 0
             if free > 0:
                 pipe.xreadgroup(
@@ -293,23 +291,28 @@ class Consumer:
             if batch is not None and not batch.done:
                 step = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch))
             try:
-                await self._send(pipe, ended, reading=free > 0)
+                marks = await self._send(pipe, ended, reading=free > 0, watched=len(watched))
             finally:
                 if step is not None:
                     await step
+            # After the step: the engine is not touched while it runs.
+            for seq, mark in zip(watched, marks, strict=True):
+                if mark is not None:
+                    self.engine.cancel(seq)
         except Exception:
             log.exception("batch of %d sequences failed", len(batch.seqs))
             await self._fail(list(self.running.values()))
             self.batch = None
 
-    async def _apply_cancels(self, batch: Batch) -> None:
-        live = [s for s in batch.seqs if not s.finished]
-        if not live:
-            return
-        marks = await self.redis.mget([self.running[s.request_id].request.cancel_key for s in live])
-        for seq, mark in zip(live, marks, strict=True):
-            if mark is not None:
-                self.engine.cancel(seq)
+    def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> list[Sequence]:
+        """Every ``CANCEL_CHECK_S``, queue a read of the live sequences' cancel marks."""
+        if self.batch is None or time.monotonic() - self._cancels_checked <= CANCEL_CHECK_S:
+            return []
+        self._cancels_checked = time.monotonic()
+        live = [s for s in self.batch.seqs if not s.finished]
+        if live:
+            pipe.mget([self.running[s.request_id].request.cancel_key for s in live])
+        return live
 
     def _collect(self) -> tuple[aioredis.client.Pipeline, list[Ticket]]:
         """Queue every running sequence's new text, and the final record of those that
@@ -343,11 +346,13 @@ class Consumer:
         return pipe, ended
 
     async def _send(
-        self, pipe: aioredis.client.Pipeline, ended: list[Ticket], reading: bool
-    ) -> None:
+        self, pipe: aioredis.client.Pipeline, ended: list[Ticket], reading: bool, watched: int
+    ) -> list[str | None]:
         """Send the records (in order: a request is acknowledged and deleted from
         the stream after its final record) and, when ``reading``, keep the new
-        requests the pipeline's last command read, even if another command failed."""
+        requests the pipeline's last command read, even if another command
+        failed. Returns the cancel marks read, when ``watched`` sequences' were
+        queued (just before the read)."""
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         for ticket in ended:
             del self.running[ticket.request.id]
@@ -356,6 +361,10 @@ class Consumer:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        if not watched:
+            return []
+        marks: list[str | None] = replies[-2 if reading else -1]
+        return marks
 
     async def _fail(self, tickets: list[Ticket]) -> None:
         failure = InternalError("The worker failed while generating.", code="worker_error")
