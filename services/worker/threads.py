@@ -34,6 +34,14 @@ PROMPT_TOKENS = 16
 STEPS = 5  # timed one by one; the fastest counts (noise only ever adds time)
 
 
+def pin(n: int) -> None:
+    """Give the calling thread ``n`` torch threads, unaffected by counts set on
+    other threads later. torch applies the count last set on any thread to a
+    thread at its first parallel call, so that set-up is made to happen first."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 def candidates(cores: int) -> list[int]:
     """1, 2, 4, ... below ``cores``, and ``cores`` itself."""
     counts = [1]

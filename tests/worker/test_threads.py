@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from bastion_worker import threads
@@ -26,3 +28,16 @@ def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
         assert torch.get_num_threads() == chosen
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pinned_count_holds_against_counts_set_later_on_other_threads():
+    """torch gives a thread, at its first parallel call, the count last set on
+    any thread; the worker's engine thread must keep its own."""
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as engine, ThreadPoolExecutor(1) as loop:
+        engine.submit(threads.pin, 2).result()
+        loop.submit(threads.pin, 1).result()
+        assert engine.submit(torch.get_num_threads).result() == 2
+        assert loop.submit(torch.get_num_threads).result() == 1
+    with ThreadPoolExecutor(1) as restore:  # what threads started later inherit
+        restore.submit(torch.set_num_threads, before).result()
