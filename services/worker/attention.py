@@ -19,6 +19,7 @@ attention in the same way; transformers' SDPA has no varlen form to use.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +30,31 @@ from transformers.masking_utils import sdpa_mask
 
 NAME = "bastion_sdpa"
 SPANS = "bastion_spans"  # the forward-pass keyword: [(start, end)] of each prompt
+DECODING = "bastion_decoding"  # and, when running rows decode in the same pass: a Decoding
+
+
+@dataclass
+class Decoding:
+    """Running rows decoding one token each at the front of a packed pass
+    (before the prompts' spans), each attending to its own cached positions."""
+
+    rows: int
+    mask: torch.Tensor  # [rows, 1, 1, width] bool: the positions each row attends to
+    # Per layer, the rows' keys and values with this step's written in:
+    # [rows, kv_heads, width, head_dim]. Filled by the cache as the pass runs.
+    cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+        """``query``'s first ``rows`` positions ([1, heads, T, head_dim]) against
+        their caches: [heads, rows, head_dim]."""
+        keys, values = self.cached[layer]
+        heads, dim = query.shape[1], query.shape[-1]
+        # [rows, kv_heads, heads per kv head, head_dim]: a kv head's query heads
+        # attend as one block, so the keys need no repeating (as transformers'
+        # SDPA does for one-token queries).
+        q = query[0, :, : self.rows].transpose(0, 1).reshape(self.rows, keys.shape[1], -1, dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scaling)
+        return out.reshape(self.rows, heads, dim).transpose(0, 1)
 
 
 def packed_sdpa(
@@ -42,6 +68,7 @@ def packed_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     spans: list[tuple[int, int]] | None = kwargs.pop(SPANS, None)
+    decoding: Decoding | None = kwargs.pop(DECODING, None)
     if spans is None:
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -50,6 +77,8 @@ def packed_sdpa(
     # (the engine packs only then) changes nothing within a span.
     causal = bool(getattr(module, "is_causal", True))
     out = torch.empty_like(query)
+    if decoding is not None:
+        out[0, :, : decoding.rows] = decoding.attend(query, module.layer_idx, scaling)
     for start, end in spans:
         out[:, :, start:end] = F.scaled_dot_product_attention(
             query[:, :, start:end],

@@ -3,9 +3,10 @@ stream through the consumer group, and publishing results, around a
 continuous-batching loop. One task owns the engine; forward passes run in a
 thread so the event loop stays responsive.
 
-Each iteration: let the scheduler pick which waiting requests join now,
-prefill and join them, then start the batch's next decode step and, while it
-runs, in one Redis round trip: publish every sequence's new text, acknowledge
+Each iteration: let the scheduler pick which waiting requests join now
+(prefilled in the next decode step's own pass where the engine can, else on
+their own and joined), then start the batch's next step and, while it runs,
+in one Redis round trip: publish every sequence's new text, acknowledge
 the requests that ended, read only as many new requests as there are free
 slots (the rest stay in the stream for other workers) and, every 50 ms, the
 running requests' cancel marks. Only an idle worker blocks on the stream.
@@ -64,6 +65,7 @@ class Consumer:
         self.waiting: dict[str, Ticket] = {}
         self.running: dict[str, Ticket] = {}
         self.batch: Batch | None = None
+        self.joining: list[Ticket] = []  # admitted, prefilled in the next step's pass
         self._cancels_checked = 0.0
         self._orphans_checked = 0.0
         self.preemptions = 0
@@ -227,6 +229,12 @@ class Consumer:
         tickets = [self.waiting.pop(w.request_id) for w in chosen]
         if not tickets:
             return
+        if self.batch is not None and self.engine.can_join_in_step(
+            self.batch, [t.seq for t in tickets]
+        ):
+            self.joining += tickets  # prefilled in the next step's own pass
+            self.running.update((t.request.id, t) for t in tickets)
+            return
         try:
             new = await asyncio.to_thread(self.engine.prefill, [t.seq for t in tickets])
         except Exception:
@@ -286,15 +294,12 @@ class Consumer:
                 pipe.xreadgroup(
                     K.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=free
                 )
-            batch = self.batch  # type: ignore[assignment]
-            step = None
-            if batch is not None and not batch.done:
-                step = asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch))
+            step = self._start_step()
             try:
                 marks = await self._send(pipe, ended, reading=free > 0, watched=len(watched))
             finally:
                 if step is not None:
-                    await step
+                    self.batch = await step
             # After the step: the engine is not touched while it runs.
             for seq, mark in zip(watched, marks, strict=True):
                 if mark is not None:
@@ -303,6 +308,18 @@ class Consumer:
             log.exception("batch of %d sequences failed", len(batch.seqs))
             await self._fail(list(self.running.values()))
             self.batch = None
+
+    def _start_step(self) -> asyncio.Future[Batch] | None:
+        """The next forward pass, in the engine's thread: a decode step, which
+        also prefills and joins the sequences waiting to join; or, when every
+        running row has left, their prefill alone."""
+        joining, self.joining = [t.seq for t in self.joining], []
+        batch = self.batch
+        if batch is None and joining:
+            return asyncio.ensure_future(asyncio.to_thread(self.engine.prefill, joining))
+        if batch is not None and (joining or not batch.done):
+            return asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch, joining))
+        return None
 
     def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> list[Sequence]:
         """Every ``CANCEL_CHECK_S``, queue a read of the live sequences' cancel marks."""

@@ -131,34 +131,63 @@ class Engine:
         return batch
 
     def _prefill_packed(self, seqs: list[Sequence]) -> Batch:
+        return self._packed(seqs, None)
+
+    def can_join_in_step(self, batch: Batch, seqs: list[Sequence]) -> bool:
+        """Whether :meth:`decode_step` can prefill ``seqs`` in its own pass and join them."""
+        longest = max(len(s.prompt_ids) + len(s.output_ids) for s in seqs)
+        config = self.lm.model.config
+        return self.packs and batch.joinable and batching.joinable_after_prefill(config, longest)
+
+    def _packed(self, seqs: list[Sequence], running: Batch | None) -> Batch:
+        """One packed pass prefilling ``seqs`` and, with ``running``, decoding
+        one token for each of its rows first; the new rows' batch (not joined)."""
         device = self.lm.device
         contexts = [s.prompt_ids + s.output_ids for s in seqs]
         lengths = [len(c) for c in contexts]
-        ends = torch.tensor(lengths).cumsum(0)  # [B]
+        skip = 0 if running is None else len(running.seqs)
+        ends = torch.tensor(lengths).cumsum(0) + skip  # [B]
         spans = [(int(e) - n, int(e)) for e, n in zip(ends, lengths, strict=True)]
-        ids = torch.tensor([t for c in contexts for t in c], device=device)[None]  # [1, T]
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]  # [1, T]
-        writer = kvcache.PackedWriter(self.lm.model.config, lengths, device)
+        ids = torch.tensor([t for c in contexts for t in c], device=device)  # [T]
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)  # [T]
+        keep = ends - 1  # each prompt's last position
+        decoding = None
+        if running is not None:
+            self._extend(running)
+            ids = torch.cat([running.last_tokens, ids])
+            positions = torch.cat([running.positions, positions])
+            keep = torch.cat([torch.arange(skip), keep])
+            decoding = attention.Decoding(skip, running.attention_mask.bool()[:, None, None, :])
+        writer = kvcache.PackedWriter(
+            self.lm.model.config,
+            lengths,
+            device,
+            None if running is None else running.cache,
+            decoding,
+        )
         out = self.lm.model(
-            input_ids=ids,
+            input_ids=ids[None],  # [1, T]
             attention_mask=attention.NO_MASK,
-            position_ids=positions,
+            position_ids=positions[None],  # [1, T]
             cache=writer,
             use_cache=True,
-            logits_to_keep=(ends - 1).to(device),  # each prompt's last position
-            **{attention.SPANS: spans},
+            logits_to_keep=keep.to(device),
+            **{attention.SPANS: spans, attention.DECODING: decoding},
         )
+        logits = out.logits[0]  # [rows, V]
+        if running is not None:
+            self._advance(running, logits[:skip])
         width = writer.width
         mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
         for row, n in enumerate(lengths):
             mask[row, width - n :] = 1
         last = torch.tensor([c[-1] for c in contexts])
-        batch = Batch(
+        new = Batch(
             seqs, writer.cache, mask.to(device), torch.tensor(lengths, device=device) - 1,
             last.to(device),
         )  # fmt: skip
-        self._advance(batch, out.logits[0])  # [B, V]
-        return batch
+        self._advance(new, logits[skip:])
+        return new
 
     @torch.inference_mode()
     def join(self, batch: Batch, new: Batch) -> Batch:
@@ -200,16 +229,13 @@ class Engine:
         )
 
     @torch.inference_mode()
-    def decode_step(self, batch: Batch) -> None:
-        device = self.lm.device
-        batch.attention_mask = torch.cat(
-            [
-                batch.attention_mask,
-                torch.ones((len(batch.seqs), 1), dtype=torch.long, device=device),
-            ],
-            dim=-1,
-        )
-        batch.positions = batch.positions + 1
+    def decode_step(self, batch: Batch, joining: list[Sequence] | None = None) -> Batch:
+        """Decode one token for each row; with ``joining`` (where
+        :meth:`can_join_in_step` says so), prefill those in the same packed
+        pass and return the batch with them joined."""
+        if joining:
+            return self.join(batch, self._packed(joining, batch))
+        self._extend(batch)
         out = self.lm.model(
             input_ids=batch.last_tokens[:, None],  # [B, 1]
             attention_mask=batch.attention_mask,
@@ -219,9 +245,18 @@ class Engine:
             logits_to_keep=1,
         )
         self._advance(batch, out.logits[:, -1, :])
+        return batch
+
+    def _extend(self, batch: Batch) -> None:
+        """Give every row its next position, for the token it decodes now."""
+        ones = torch.ones((len(batch.seqs), 1), dtype=torch.long, device=self.lm.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
+        batch.positions = batch.positions + 1
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> None:  # logits: [B, V]
         live = [i for i, s in enumerate(batch.seqs) if not s.finished]
+        if not live:  # a finished batch stepped only to carry joining rows
+            return
         if len(live) < len(batch.seqs):
             logits = logits[live]  # a copy: [rows, vocab] is 25 MB at 24 rows of Gemma 3
         chosen = sample(

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from bastion_worker.attention import Decoding
+
 MIN_HEADROOM = 64  # columns
 
 
@@ -160,15 +162,25 @@ class BufferedSlidingWindowLayer(BufferedLayer, DynamicSlidingWindowLayer):
 
 
 class PackedWriter:
-    """Stands in for the cache during a packed prefill
+    """Stands in for the cache during a packed pass
     (:mod:`bastion_worker.attention`): each layer's new keys and values, every
     prompt's positions back to back in one row, are scattered into a fresh
     left-padded ``[prompts, kv_heads, width, head_dim]`` cache for the decode
-    steps, and handed back as they are for the packed attention."""
+    steps, and handed back as they are for the packed attention.
 
-    def __init__(self, config: object, lengths: list[int], device: torch.device) -> None:
+    With ``decoding``, the pass starts with one token for each row of the
+    ``running`` cache: those are written into it (one column per row), and
+    the rows' whole cached keys and values go to ``decoding`` for their attention.
+    """
+
+    def __init__(
+        self, config: object, lengths: list[int], device: torch.device,
+        running: DynamicCache | None = None, decoding: Decoding | None = None,
+    ) -> None:  # fmt: skip
         self.cache = new_cache(config)
         self.rows, self.width = len(lengths), max(lengths)
+        self.running, self.decoding = running, decoding
+        self.skip = 0 if decoding is None else decoding.rows  # packed positions before the prompts
         # Where each packed position goes: its prompt's row, right-aligned columns.
         row = torch.repeat_interleave(torch.arange(self.rows), torch.tensor(lengths))  # [T]
         col = torch.cat([torch.arange(self.width - n, self.width) for n in lengths])  # [T]
@@ -178,11 +190,17 @@ class PackedWriter:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if self.decoding is not None and self.running is not None:
+            # [rows, kv_heads, 1, head_dim]: each running row's one new position
+            k, v = (
+                s[0, :, : self.skip].transpose(0, 1)[:, :, None] for s in (key_states, value_states)
+            )
+            self.decoding.cached[layer_idx] = self.running.layers[layer_idx].update(k, v)
         layer = self.cache.layers[layer_idx]
         assert isinstance(layer, BufferedLayer)
         layer.lazy_initialization(key_states, value_states)
-        layer.keys = self._scatter(key_states)
-        layer.values = self._scatter(value_states)
+        layer.keys = self._scatter(key_states[:, :, self.skip :])
+        layer.values = self._scatter(value_states[:, :, self.skip :])
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = self.width  # the engine packs only within the window
         return key_states, value_states

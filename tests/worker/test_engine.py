@@ -119,9 +119,11 @@ def test_cancel_ends_a_row_without_stopping_the_others(tiny_lm):
     assert seqs[1].finish_reason == "length" and len(seqs[1].output_ids) == 8
 
 
-def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
-    """Continuous batching: rows join a running batch and leave when done, and
-    every row's greedy output still equals transformers' generate() for it alone."""
+@pytest.mark.parametrize("in_step", [False, True], ids=["prefill-then-join", "joined-in-step"])
+def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm, in_step):
+    """Continuous batching: rows join a running batch (prefilled on their own,
+    or in the decode step's own pass) and leave when done, and every row's
+    greedy output still equals transformers' generate() for it alone."""
     engine = Engine(tiny_lm)
     greedy = SamplingParams(temperature=0.0)
     prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
@@ -132,7 +134,12 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm):
     for _ in range(3):
         engine.decode_step(batch)
     later = [engine.new_sequence(str(i), prompts[i], greedy, lengths[i], ()) for i in (2, 3)]
-    batch = engine.join(batch, engine.prefill(later))
+    if in_step:
+        assert engine.can_join_in_step(batch, later)
+        batch = engine.decode_step(batch, later)
+        assert [len(s.output_ids) for s in batch.seqs] == [5, 5, 1, 1]
+    else:
+        batch = engine.join(batch, engine.prefill(later))
     everyone = first + later
     while batch is not None:
         if not batch.done:
@@ -177,7 +184,42 @@ def test_rows_leave_a_batch_past_its_sliding_window_and_the_rest_match_generate(
         assert seq.output_ids == _reference(model, prompt, seq.max_new_tokens), seq.request_id
 
 
-def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
+def test_joining_in_the_step_computes_what_a_step_then_a_join_does(tiny_lm):
+    """The decode rows of a step that also prefills new prompts attend to their
+    own padded caches exactly as a plain step does, padding masked out: every
+    layer's cache after the step (later layers' keys depend on earlier layers'
+    attention) matches, with garbage written into the padding beforehand."""
+    engine = Engine(tiny_lm)
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    assert len(prompts[0]) != len(prompts[1])  # the running rows are padded
+
+    def run(in_step):
+        first = [engine.new_sequence(str(i), prompts[i], greedy, 20, ()) for i in (0, 1)]
+        batch = engine.prefill(first)
+        engine.decode_step(batch)
+        padding = ~batch.attention_mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+        with torch.inference_mode():  # in place, through the layers' views
+            for layer in batch.cache.layers:
+                layer.keys.masked_fill_(padding, 30.0)
+                layer.values.masked_fill_(padding, -30.0)
+        later = [engine.new_sequence(str(i), prompts[i], greedy, 20, ()) for i in (2, 3)]
+        if in_step:
+            return engine.decode_step(batch, later)
+        engine.decode_step(batch)
+        return engine.join(batch, engine.prefill(later))
+
+    plain, mixed = run(False), run(True)
+    assert torch.equal(plain.attention_mask, mixed.attention_mask)
+    used = plain.attention_mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+    for a, b in zip(plain.cache.layers, mixed.cache.layers, strict=True):
+        torch.testing.assert_close(a.keys * used, b.keys * used)
+        torch.testing.assert_close(a.values * used, b.values * used)
+    assert [s.output_ids for s in plain.seqs] == [s.output_ids for s in mixed.seqs]
+
+
+@pytest.mark.parametrize("in_step", [False, True], ids=["prefill-then-join", "joined-in-step"])
+def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, in_step):
     """A Gemma 3-shaped model (sliding and full attention layers) joins rows
     mid-batch and still matches generate() for each."""
     model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
@@ -188,9 +230,13 @@ def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, tmp_path):
     batch = engine.prefill(first)
     engine.decode_step(batch)
     later = [engine.new_sequence(str(i), prompts[i], greedy, 10, ()) for i in (1, 2)]
-    new = engine.prefill(later)
-    assert batch.joinable and new.joinable
-    batch = engine.join(batch, new)
+    if in_step:
+        assert engine.can_join_in_step(batch, later)
+        batch = engine.decode_step(batch, later)
+    else:
+        new = engine.prefill(later)
+        assert batch.joinable and new.joinable
+        batch = engine.join(batch, new)
     everyone = first + later
     while batch is not None:
         if not batch.done:
