@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from bastion_common.errors import InvalidRequestError
 from bastion_common.messages import ChatMessage
 from bastion_worker import attention as packed_attention
-from bastion_worker import onednn
+from bastion_worker import norms, onednn
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def load(
         model.to(device)
     model.eval()
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
+    fused = norms.fuse_norms(model)
     if linear == "onednn":
         linear = f"onednn ({onednn.pack_linears(model)} layers packed)"
     if compile_model:
@@ -205,14 +206,15 @@ def load(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     log.info(
-        "loaded model=%s device=%s dtype=%s quantization=%s attention=%s linear=%s context=%d "
-        "params=%d",
+        "loaded model=%s device=%s dtype=%s quantization=%s attention=%s linear=%s "
+        "fused_norms=%d context=%d params=%d",
         path.name,
         device,
         dtype,
         quantization,
         model.config._attn_implementation,
         linear,
+        fused,
         context,
         params,
     )
