@@ -127,6 +127,14 @@ class Consumer:
             return
         idle = self.batch is None and not self.waiting
         await self._take(await self._read(">", count=free, block=READ_BLOCK_MS if idle else None))
+        # A blocking read returns at the first arrival; requests sent with it
+        # reach the stream moments later. Taken now, until a read finds none,
+        # they share the first prefill instead of waiting for it and a step.
+        while idle and self.waiting and (free := self._free_slots()) > 0:
+            more = await self._read(">", count=free, block=None)
+            if not more:
+                break
+            await self._take(more)
 
     async def _adopt_orphans(self) -> None:
         """Take over requests that a worker which stopped had taken: pending for

@@ -6,6 +6,7 @@ import time
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from bastion_common import keys as K
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
@@ -13,6 +14,8 @@ from bastion_worker.consumer import Consumer
 from bastion_worker.engine import Engine
 from bastion_worker.settings import WorkerSettings
 from tests.polling import eventually
+
+PROMPTS = ("Hello", "你好", "abc", "The gateway", "a bank")
 
 
 @pytest.fixture
@@ -76,6 +79,48 @@ async def test_requests_are_served_in_one_batch_and_removed(worker, aredis):
     await eventually(drained)
     pending = await aredis.xpending(stream, K.WORKER_GROUP)
     assert pending["pending"] == 0
+
+
+async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
+    tiny_lm, tiny_model_path, key_prefix, aredis, redis_url
+):
+    """The blocking read returns at the first arrival; the rest of a burst,
+    in the stream moments later, joins the same first prefill."""
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
+    )
+    prefills = []
+
+    class Recording(Engine):
+        def prefill(self, seqs):
+            prefills.append(len(seqs))
+            return super().prefill(seqs)
+
+    name = f"{key_prefix}-worker"
+    own = aioredis.from_url(redis_url, decode_responses=True, client_name=name)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, Recording(tiny_lm), own).run(stop))
+    stream = settings.keys.requests(settings.served_name)
+
+    async def blocked_on_the_stream():
+        clients = await aredis.client_list()
+        return any(c["name"] == name and c["cmd"] == "xreadgroup" and "b" in c["flags"]
+                   for c in clients)  # fmt: skip
+
+    try:
+        await eventually(blocked_on_the_stream)
+        reqs = [_request(settings, p, max_tokens=3, temperature=0.0) for p in PROMPTS]
+        pipe = aredis.pipeline(transaction=False)
+        for req in reqs:
+            pipe.xadd(stream, req.dump())
+        await pipe.execute()
+        for req in reqs:
+            assert (await _results(aredis, req))[-1].kind == "done"
+        assert prefills == [len(reqs)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await own.aclose()
 
 
 async def test_worker_registers_while_running(worker, aredis):
