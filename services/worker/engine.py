@@ -3,9 +3,10 @@
 New sequences are prefilled together, packed into one row without padding
 (:mod:`bastion_worker.attention`) where the model's attention allows, else
 left-padded to one length, and, where the cache allows
-(:mod:`bastion_worker.batching`), joined to the running batch; every step
-decodes one token for each live row with the KV cache carried between steps;
-finished rows leave the batch at once.
+(:mod:`bastion_worker.batching`), joined to the running batch; packed, they
+can also be prefilled in a decode step's own pass and joined after it. Every
+step decodes one token for each live row with the KV cache carried between
+steps; finished rows leave the batch at once.
 """
 
 from __future__ import annotations
