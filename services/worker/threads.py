@@ -6,7 +6,9 @@ Redis; a step whose threads wait at a barrier for a core someone else holds
 stalls as a whole. Measured on the 2-core development machine: the tiny test
 model's decode step at 32 rows takes 1.1 ms on 1 thread and on 2 alone, yet
 the worker serving 32 clients made 4,000-4,400 tokens/s on 2 threads and
-6,300-7,500 on 1; Gemma 3 270M's step at 24 rows takes 109 ms on 1 thread and
+6,300-7,500 on 1 (4,400-4,970 against 4,900-6,170 measured again once the
+event loop's thread no longer started an OpenMP team of its own); Gemma 3
+270M's step at 24 rows takes 109 ms on 1 thread and
 65 ms on 2, and the worker made 108 against 146 tokens/s. So the worker times
 a decode step of a full batch on 1, 2, 4, ... threads (up to the cores torch
 would use) and keeps the fewest that come within ``SLACK`` of the fastest.
