@@ -98,7 +98,7 @@ class Engine:
         if not batching.joinable_after_prefill(self.lm.model.config, max(lengths)):
             return self._prefill(seqs)
         if self.packs:
-            return self._prefill_packed(seqs)
+            return self._packed(seqs, running=None)
         batch: Batch | None = None
         for group in batching.length_groups(lengths):
             new = self._prefill([seqs[i] for i in group])
@@ -130,9 +130,6 @@ class Engine:
         batch = Batch(seqs, cache, mask, positions[:, -1], ids[:, -1])
         self._advance(batch, out.logits[:, -1, :])
         return batch
-
-    def _prefill_packed(self, seqs: list[Sequence]) -> Batch:
-        return self._packed(seqs, None)
 
     def can_join_in_step(self, batch: Batch, seqs: list[Sequence]) -> bool:
         """Whether :meth:`decode_step` can prefill ``seqs`` in its own pass and join them."""
