@@ -22,6 +22,8 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from bastion_worker import modules
+
 
 class GemmaRMSNorm(nn.Module):
     """``(x / rms(x) * (1 + w))`` in float32, then cast back (Gemma 3)."""
@@ -55,12 +57,6 @@ def fuse_norms(model: nn.Module) -> int:
         Gemma3RMSNorm: GemmaRMSNorm,
         LlamaRMSNorm: LlamaStyleRMSNorm,
     }
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) in swaps
-    ]
-    for parent, name, child in targets:
-        setattr(parent, name, swaps[type(child)](child))
-    return len(targets)
+    return modules.replace(
+        model, lambda child: swaps[type(child)](child) if type(child) in swaps else None
+    )

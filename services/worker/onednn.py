@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bastion_worker import modules
+
 MIN_PACKED = 1 << 19  # fp32 weight elements; every bf16 weight is packed
 
 
@@ -67,13 +69,11 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
     """Replace (in place) each ``nn.Linear`` in ``model`` with bf16 weights or
     with at least ``min_elements`` weights; the count replaced."""
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-        and (child.weight.dtype == torch.bfloat16 or child.weight.numel() >= min_elements)
-    ]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
-    return len(targets)
+
+    def make(child: nn.Module) -> nn.Module | None:
+        if type(child) is not nn.Linear:
+            return None
+        wanted = child.weight.dtype == torch.bfloat16 or child.weight.numel() >= min_elements
+        return PackedLinear(child) if wanted else None
+
+    return modules.replace(model, make)
