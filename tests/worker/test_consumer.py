@@ -251,9 +251,12 @@ async def test_a_running_worker_takes_only_what_it_has_room_for(
     for req in later:
         await aredis.xadd(stream, req.dump())
     held: list[int] = []
+    answered = asyncio.Event()
 
     async def watch_pending() -> None:
-        while True:
+        # Ends on its own rather than by cancel(): a cancel landing mid-command
+        # left its connection open and its error unretrieved past the test.
+        while not answered.is_set():
             held.append((await aredis.xpending(stream, K.WORKER_GROUP))["pending"])
             await asyncio.sleep(0.01)  # a sampling interval, not synchronisation
 
@@ -263,7 +266,8 @@ async def test_a_running_worker_takes_only_what_it_has_room_for(
             records = await _results(aredis, req)
             assert records[-1].kind == "done"
     finally:
-        watcher.cancel()
+        answered.set()
+        await watcher
     stop.set()
     await asyncio.wait_for(task, 30)
     assert max(held) == 2  # a full batch, and never more taken than it has room for
