@@ -195,7 +195,8 @@ def load(
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     fused = norms.fuse_norms(model)
     if linear == "onednn":
-        linear = f"onednn ({onednn.pack_linears(model)} layers packed)"
+        packed = onednn.pack_linears(model)
+        linear = f"onednn ({packed} layers packed, {onednn.fuse_mlps(model)} MLPs fused)"
     if compile_model:
         model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template

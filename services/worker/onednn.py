@@ -26,8 +26,11 @@ native bf16 (AVX512-BF16 or AMX): Gemma 3 270M's decode step at 24 rows took
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from transformers.activations import GELUTanh, SiLUActivation
 
 from bastion_worker import modules
 
@@ -75,5 +78,53 @@ def pack_linears(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
             return None
         wanted = child.weight.dtype == torch.bfloat16 or child.weight.numel() >= min_elements
         return PackedLinear(child) if wanted else None
+
+    return modules.replace(model, make)
+
+
+# The gated MLPs' activations that oneDNN applies as a post-op of the gate's
+# product: (attr, algorithm) as inductor's CPU fusion names them.
+POST_OPS: dict[type, tuple[str, str]] = {GELUTanh: ("gelu", "tanh"), SiLUActivation: ("swish", "")}
+
+
+class FusedMLP(nn.Module):
+    """A gated MLP, ``down(act(gate(x)) * up(x))``, in three oneDNN calls instead
+    of five operations: the activation is applied to the gate's product as it is
+    written out, and the up projection's product is multiplied by that as it is
+    written out (oneDNN's unary and binary post-ops, as inductor fuses them).
+
+    The activation now sees the gate's product at float32 accumulator precision
+    instead of rounded to the model's dtype, so in bfloat16 the output moves by
+    rounding (closer to a float32 reference; tested). Measured on Gemma 3 270M's
+    MLP shape (bf16, AMX, 2 cores): 25.8 -> 22.1 ms at 1,403 rows (a packed
+    prefill), 0.96 -> 0.86 ms at 24 rows, 0.55 -> 0.50 ms at 1 row.
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.attr, self.algorithm = POST_OPS[type(mlp.act_fn)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gated = torch.ops.mkldnn._linear_pointwise(
+            x, self.gate.packed, self.gate.bias, self.attr, [], self.algorithm
+        )
+        both = torch.ops.mkldnn._linear_pointwise.binary(
+            x, gated, self.up.packed, self.up.bias, "mul"
+        )
+        return self.down(both)  # type: ignore[no-any-return]
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Replace (in place) each gated MLP whose three layers are packed and whose
+    activation oneDNN applies (:data:`POST_OPS`); the count replaced. Run after
+    :func:`pack_linears`."""
+
+    def make(child: nn.Module) -> nn.Module | None:
+        parts: list[Any] = [getattr(child, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        fusable = all(isinstance(p, PackedLinear) for p in parts) and (
+            type(getattr(child, "act_fn", None)) in POST_OPS
+        )
+        return FusedMLP(child) if fusable else None
 
     return modules.replace(model, make)

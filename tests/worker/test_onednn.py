@@ -3,6 +3,9 @@
 import pytest
 import torch
 from torch import nn
+from transformers import Gemma3TextConfig, LlamaConfig
+from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from bastion_common.messages import SamplingParams
 from bastion_worker import onednn
@@ -62,8 +65,56 @@ def test_fully_packed_model_generates_what_the_dense_one_does(tiny_model_path):
     dense = load(tiny_model_path, "cpu", "float32", linear="dense")
     packed = load(tiny_model_path, "cpu", "float32", linear="dense")
     assert onednn.pack_linears(packed.model, min_elements=0) > 0  # every layer, head included
+    assert onednn.fuse_mlps(packed.model) == packed.model.config.num_hidden_layers
     for prompt in ("Hello, world!", "The gateway checks every request before it"):
         assert _greedy(packed, prompt) == _greedy(dense, prompt)
+
+
+def _mlps(dtype):
+    """A Gemma 3 MLP (tanh GELU) and a Llama one (SiLU), 64 wide."""
+    torch.manual_seed(0)
+    gemma = Gemma3TextConfig(hidden_size=64, intermediate_size=160)
+    llama = LlamaConfig(hidden_size=64, intermediate_size=160)
+    return [Gemma3MLP(gemma).to(dtype).eval(), LlamaMLP(llama).to(dtype).eval()]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["gemma3-gelu-tanh", "llama-silu"])
+def test_fused_mlp_matches_the_models_own(index):
+    original = _mlps(torch.float32)[index]
+    fused = _mlps(torch.float32)[index]
+    holder = nn.Sequential(fused)
+    onednn.pack_linears(holder, min_elements=0)
+    assert onednn.fuse_mlps(holder) == 1
+    assert isinstance(holder[0], onednn.FusedMLP)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(holder(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("index", [0, 1], ids=["gemma3-gelu-tanh", "llama-silu"])
+def test_fused_bfloat16_mlp_is_at_least_as_close_to_float32_as_the_models_own(index):
+    reference = _mlps(torch.float32)[index]
+    original = _mlps(torch.bfloat16)[index]
+    holder = nn.Sequential(_mlps(torch.bfloat16)[index])
+    onednn.pack_linears(holder)
+    assert onednn.fuse_mlps(holder) == 1
+    x = torch.randn(64, 64)
+    with torch.inference_mode():
+        want = reference(x.bfloat16().float())
+        fused_error = (holder(x.bfloat16()).float() - want).abs().mean()
+        own_error = (original(x.bfloat16()).float() - want).abs().mean()
+    assert fused_error <= own_error
+
+
+def test_only_packed_mlps_with_a_known_activation_are_fused():
+    gemma, llama = _mlps(torch.float32)
+    llama.act_fn = nn.ReLU()
+    model = nn.Sequential(gemma, llama, _mlps(torch.float32)[1])
+    onednn.pack_linears(model[:2], min_elements=0)  # the third stays dense
+    assert onednn.fuse_mlps(model) == 1
+    assert isinstance(model[0], onednn.FusedMLP)
+    assert not isinstance(model[1], onednn.FusedMLP)
 
 
 def test_onednn_refuses_a_quantized_model_at_load(tiny_model_path):
