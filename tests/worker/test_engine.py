@@ -212,9 +212,13 @@ def test_joining_in_the_step_computes_what_a_step_then_a_join_does(tiny_lm):
     plain, mixed = run(False), run(True)
     assert torch.equal(plain.attention_mask, mixed.attention_mask)
     used = plain.attention_mask.bool()[:, None, :, None]  # [B, 1, T, 1]
+    # The norms' float32 sums of squares may add up in another order in a
+    # pass of another shape (about 1e-5 here); unmasked garbage moves keys by
+    # far more than this tolerance.
+    close = {"rtol": 1e-4, "atol": 1e-4}
     for a, b in zip(plain.cache.layers, mixed.cache.layers, strict=True):
-        torch.testing.assert_close(a.keys * used, b.keys * used)
-        torch.testing.assert_close(a.values * used, b.values * used)
+        torch.testing.assert_close(a.keys * used, b.keys * used, **close)
+        torch.testing.assert_close(a.values * used, b.values * used, **close)
     assert [s.output_ids for s in plain.seqs] == [s.output_ids for s in mixed.seqs]
 
 
