@@ -296,15 +296,17 @@ class Consumer:
             pipe, ended = self._collect()
             self.batch = self.engine.evict(batch)
             self._preempt_over_budget()
-            watched = self._watch_cancels(pipe)
+            watched, marks_at = self._watch_cancels(pipe)
             free = self._free_slots(leaving=len(ended)) if pull else 0
+            read_at = None
             if free > 0:
+                read_at = len(pipe)  # the reply's place among the pipeline's
                 pipe.xreadgroup(
                     K.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=free
                 )
             step = self._start_step()
             try:
-                marks = await self._send(pipe, ended, reading=free > 0, watched=len(watched))
+                marks = await self._send(pipe, ended, read_at, marks_at)
             finally:
                 if step is not None:
                     self.batch = await step
@@ -329,15 +331,17 @@ class Consumer:
             return asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch, joining))
         return None
 
-    def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> list[Sequence]:
-        """Every ``CANCEL_CHECK_S``, queue a read of the live sequences' cancel marks."""
+    def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> tuple[list[Sequence], int | None]:
+        """Every ``CANCEL_CHECK_S``, queue a read of the live sequences' cancel
+        marks; those sequences, and the read's place in the pipeline."""
         if self.batch is None or time.monotonic() - self._cancels_checked <= CANCEL_CHECK_S:
-            return []
+            return [], None
         self._cancels_checked = time.monotonic()
         live = [s for s in self.batch.seqs if not s.finished]
-        if live:
-            pipe.mget([self.running[s.request_id].request.cancel_key for s in live])
-        return live
+        if not live:
+            return [], None
+        pipe.mget([self.running[s.request_id].request.cancel_key for s in live])
+        return live, len(pipe) - 1
 
     def _collect(self) -> tuple[aioredis.client.Pipeline, list[Ticket]]:
         """Queue every running sequence's new text, and the final record of those that
@@ -371,24 +375,25 @@ class Consumer:
         return pipe, ended
 
     async def _send(
-        self, pipe: aioredis.client.Pipeline, ended: list[Ticket], reading: bool, watched: int
+        self,
+        pipe: aioredis.client.Pipeline,
+        ended: list[Ticket],
+        read_at: int | None,
+        marks_at: int | None,
     ) -> list[str | None]:
         """Send the records (in order: a request is acknowledged and deleted from
-        the stream after its final record) and, when ``reading``, keep the new
-        requests the pipeline's last command read, even if another command
-        failed. Returns the cancel marks read, when ``watched`` sequences' were
-        queued (just before the read)."""
+        the stream after its final record) and keep the new requests read by
+        the command at ``read_at``, if any, even if another command failed.
+        Returns the cancel marks read by the command at ``marks_at``, if any."""
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         for ticket in ended:
             del self.running[ticket.request.id]
-        if reading and not isinstance(replies[-1], Exception):
-            self._arrived += group_entries(replies[-1])
+        if read_at is not None and not isinstance(replies[read_at], Exception):
+            self._arrived += group_entries(replies[read_at])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        if not watched:
-            return []
-        marks: list[str | None] = replies[-2 if reading else -1]
+        marks: list[str | None] = [] if marks_at is None else replies[marks_at]
         return marks
 
     async def _fail(self, tickets: list[Ticket]) -> None:

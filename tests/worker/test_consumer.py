@@ -154,6 +154,16 @@ async def test_cancel_mark_stops_generation_early(worker, aredis):
     assert records[-1].completion_tokens < 500
 
 
+async def test_cancel_mark_set_while_running_stops_it_at_a_later_step(worker, aredis):
+    req = _request(worker, max_tokens=500, temperature=0.0, ignore_eos=True)
+    await aredis.xadd(worker.keys.requests(worker.served_name), req.dump())
+    await eventually(lambda: aredis.xlen(req.result_stream))  # it is decoding
+    await aredis.set(req.cancel_key, "1")
+    records = await _results(aredis, req)
+    assert records[-1].kind == "done" and records[-1].finish_reason == "cancelled"
+    assert records[-1].completion_tokens < 500
+
+
 async def test_requests_taken_before_a_crash_are_served_on_restart(
     tiny_lm, tiny_model_path, key_prefix, aredis, redis_url
 ):
