@@ -111,12 +111,9 @@ class Engine:
         contexts = [s.prompt_ids + s.output_ids for s in seqs]
         width = max(len(c) for c in contexts)
         ids = torch.full((len(seqs), width), self.lm.pad_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
         for row, context in enumerate(contexts):
-            n = len(context)
-            ids[row, width - n :] = torch.tensor(context)
-            mask[row, width - n :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+            ids[row, width - len(context) :] = torch.tensor(context)
+        ids, mask = ids.to(device), _left_padded([len(c) for c in contexts], width).to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         cache = kvcache.new_cache(self.lm.model.config)
         out = self.lm.model(
@@ -175,14 +172,10 @@ class Engine:
         logits = out.logits[0]  # [rows, V]
         if running is not None:
             self._advance(running, logits[:skip])
-        width = writer.width
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, T]
-        for row, n in enumerate(lengths):
-            mask[row, width - n :] = 1
         last = torch.tensor([c[-1] for c in contexts])
         new = Batch(
-            seqs, writer.cache, mask.to(device), torch.tensor(lengths, device=device) - 1,
-            last.to(device),
+            seqs, writer.cache, _left_padded(lengths, writer.width).to(device),
+            torch.tensor(lengths, device=device) - 1, last.to(device),
         )  # fmt: skip
         self._advance(new, logits[skip:])
         return new
@@ -307,3 +300,10 @@ class Engine:
     def take_text(seq: Sequence) -> str:
         text, seq.pending_text = seq.pending_text, ""
         return text
+
+
+def _left_padded(lengths: list[int], width: int) -> torch.Tensor:
+    """The attention mask of rows of these lengths right-aligned in ``width``
+    columns: [rows, width], 1 where a row has a position."""
+    columns = torch.arange(width)
+    return (columns >= width - torch.tensor(lengths)[:, None]).long()
