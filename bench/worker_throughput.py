@@ -356,6 +356,9 @@ def vllm_server(python: Path, path: Path, log: Path, dtype: str):  # type: ignor
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
         "--served-model-name", "bench-model", "--port", str(port), "--dtype", dtype,
         "--max-model-len", "1024", "--max-num-seqs", str(max(CONCURRENCY)),
+        # Each run repeats the same prompts, which a prefix cache would serve
+        # from the run before; the worker has none, and real prompts differ.
+        "--no-enable-prefix-caching",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
