@@ -20,6 +20,22 @@ def test_more_threads_only_when_they_pay():
     assert threads.pick({1: 0.4, 2: 0.21, 4: 0.2}) == 2  # 4 is not 30% faster than 2
 
 
+def test_counts_are_timed_in_turn_and_each_keeps_its_fastest():
+    """A burst of other work during one count's timing (here: 2 threads in the
+    first round) must not decide the pick."""
+    order: list[int] = []
+    scripted = {1: iter([0.10, 0.11, 0.10]), 2: iter([0.30, 0.05, 0.06])}
+
+    def measure(n: int) -> float:
+        order.append(n)
+        return next(scripted[n])
+
+    timings = threads.fastest(measure, [1, 2], rounds=3)
+    assert order == [1, 2, 1, 2, 1, 2]
+    assert timings == {1: 0.10, 2: 0.05}
+    assert threads.pick(timings) == 2
+
+
 def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
     before = torch.get_num_threads()
     try:
