@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import threading
 import time
@@ -197,9 +198,13 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
     env = {
         **os.environ, "BASTION_MODEL_PATH": str(path), "BASTION_KEY_PREFIX": settings.key_prefix,
         "BASTION_REDIS_URL": redis_url, "BASTION_MAX_BATCH_SIZE": str(max_batch),
-        "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "WARNING",
+        "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "INFO",
     }  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "bastion_worker"], env=env)
+    # Its log (the torch thread count it picked, among others) beside vLLM's.
+    log = (RESULTS / f"worker-{path.name}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bastion_worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     client = sync_redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 300
@@ -211,6 +216,7 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        log.close()
         for key in client.scan_iter(match=f"{settings.key_prefix}:*"):
             client.delete(key)
         client.close()
@@ -487,6 +493,11 @@ def bench_model(
                     c,
                 )
             )
+    picked = re.search(r"torch threads: (\d+)", (RESULTS / f"worker-{path.name}.log").read_text())
+    notes.append(
+        f"(c) the worker picked {picked.group(1) if picked else 'an unlogged number of'} torch "
+        f"threads at start-up (bench/results/worker-{path.name}.log)."
+    )
     with platform(path, redis_url, max(CONCURRENCY)) as (url, token):
         auth = {"Authorization": f"Bearer {token}"}
         for c in CONCURRENCY:
