@@ -20,7 +20,9 @@ could cover all of one count's steps. In one bench run the end-to-end worker
 served Gemma at 1 client with 120 ms between tokens against 89 ms alone, and
 at 32 clients made 72 against 101 tokens/s: as if on 1 thread, where 2 were
 1.36-1.67x faster alone. A rerun that logged the choice picked 2 and made
-10.4 and 97.5 tokens/s.
+10.4 and 97.5 tokens/s. The rounds did not end it: in the next bench run, the
+worker alone ran at one-thread speed (118 ms between tokens at 1 client) on a
+machine whose speed changed within minutes.
 """
 
 from __future__ import annotations
