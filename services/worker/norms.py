@@ -38,7 +38,7 @@ def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps)`` over the last dimension, in float32."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
     inverse = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
-    return torch.mul(x, inverse)  # promoted: float32, and a new tensor even when x is
+    return torch.mul(x, inverse)  # promoted to float32; a new tensor even for float32 x
 
 
 class GemmaRMSNorm(nn.Module):
