@@ -425,7 +425,8 @@ def run_vllm(path: Path, items: list[Item]) -> tuple[list[Run], str]:
 
 @contextlib.contextmanager
 def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
-    """The four services as processes, serving ``path`` as "bench-model"."""
+    """The four services as processes, serving ``path`` as "bench-model"; yields
+    the gateway's URL, a token, and the torch thread count the worker picked."""
     import tempfile
 
     from bastion_cli.stack import Stack, free_port
@@ -445,13 +446,19 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
             "BASTION_LOG_LEVEL": "WARNING",
         }  # fmt: skip
         stack = Stack(env, log_dir=Path(data) / "logs")
-        stack.start()
+        stack.start(extra={"worker": {"BASTION_LOG_LEVEL": "INFO"}})  # for its thread count
         try:
             stack.wait_ready(300)
             token = mint(secret, subject="bench", role="admin", tenant="bench", issuer="bastion")
-            yield stack.gateway_url, token
+            yield stack.gateway_url, token, _picked_threads(Path(data) / "logs" / "worker.log")
         finally:
             stack.stop()
+
+
+def _picked_threads(log: Path) -> str:
+    """The torch thread count a worker's log says it picked."""
+    found = re.search(r"torch threads: (\d+)", log.read_text(errors="replace"))
+    return found.group(1) if found else "an unlogged number of"
 
 
 def bench_model(
@@ -493,12 +500,12 @@ def bench_model(
                     c,
                 )
             )
-    picked = re.search(r"torch threads: (\d+)", (RESULTS / f"worker-{path.name}.log").read_text())
     notes.append(
-        f"(c) the worker picked {picked.group(1) if picked else 'an unlogged number of'} torch "
+        f"(c) the worker picked {_picked_threads(RESULTS / f'worker-{path.name}.log')} torch "
         f"threads at start-up (bench/results/worker-{path.name}.log)."
     )
-    with platform(path, redis_url, max(CONCURRENCY)) as (url, token):
+    with platform(path, redis_url, max(CONCURRENCY)) as (url, token, threads):
+        notes.append(f"(d) the platform's worker picked {threads} torch threads at start-up.")
         auth = {"Authorization": f"Bearer {token}"}
         for c in CONCURRENCY:
             measured(
