@@ -200,11 +200,12 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
         "BASTION_REDIS_URL": redis_url, "BASTION_MAX_BATCH_SIZE": str(max_batch),
         "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "INFO",
     }  # fmt: skip
-    # Its log (the torch thread count it picked, among others) beside vLLM's.
-    log = (RESULTS / f"worker-{path.name}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bastion_worker"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    # Its log (the torch thread count it picked, among others) beside vLLM's;
+    # the process keeps its own handle, as vllm_server's does.
+    with (RESULTS / f"worker-{path.name}.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion_worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     client = sync_redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 300
@@ -216,7 +217,6 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-        log.close()
         for key in client.scan_iter(match=f"{settings.key_prefix}:*"):
             client.delete(key)
         client.close()
