@@ -196,7 +196,8 @@ def load(
     fused = norms.fuse_norms(model)
     if linear == "onednn":
         packed = onednn.pack_linears(model)
-        linear = f"onednn ({packed} layers packed, {onednn.fuse_mlps(model)} MLPs fused)"
+        mlps = onednn.fuse_mlps(model)  # after packing: it fuses packed layers only
+        linear = f"onednn ({packed} layers packed, {mlps} MLPs fused)"
     if compile_model:
         model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template
