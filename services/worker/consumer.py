@@ -165,13 +165,11 @@ class Consumer:
             )
             log.warning("took over %d request(s) from stopped worker %s", len(claimed), name)
             free -= len(claimed)
-            fresh: Entries = []
             for entry_id, fields in claimed:
-                try:
-                    request = GenerationRequest.load(fields) if fields else None
-                except (ValidationError, KeyError):
-                    request = None  # _take drops it
-                if request is not None and await self.redis.exists(request.result_stream):
+                request = await self._parse(entry_id, fields)
+                if request is None:
+                    continue
+                if await self.redis.exists(request.result_stream):
                     lost = InternalError(
                         "The worker serving this request stopped before it finished.",
                         code="worker_lost",
@@ -179,27 +177,37 @@ class Consumer:
                     await self._publish(request, ResultRecord(kind="error", **_error_fields(lost)))
                     await self._done(entry_id)
                 else:
-                    fresh.append((entry_id, fields))
-            await self._take(fresh)
+                    await self._wait(entry_id, request)
 
     async def _take(self, entries: Entries) -> None:
         for entry_id, fields in entries:
-            if not fields:  # the gateway already gave up on it and deleted it
-                await self._done(entry_id)
-                continue
-            try:
-                request = GenerationRequest.load(fields)
-            except (ValidationError, KeyError):
-                log.error("dropping malformed queue entry %s", entry_id)
-                await self._done(entry_id)
-                continue
-            try:
-                seq = self._sequence(request)
-            except BastionError as exc:
-                await self._publish(request, ResultRecord(kind="error", **_error_fields(exc)))
-                await self._done(entry_id)
-                continue
-            self.waiting[request.id] = Ticket(request, entry_id, seq, time.monotonic())
+            request = await self._parse(entry_id, fields)
+            if request is not None:
+                await self._wait(entry_id, request)
+
+    async def _parse(
+        self, entry_id: str, fields: dict[str, str] | None
+    ) -> GenerationRequest | None:
+        """The entry's request; None for one that cannot be served (then acknowledged)."""
+        if not fields:  # the gateway already gave up on it and deleted it
+            await self._done(entry_id)
+            return None
+        try:
+            return GenerationRequest.load(fields)
+        except (ValidationError, KeyError):
+            log.error("dropping malformed queue entry %s", entry_id)
+            await self._done(entry_id)
+            return None
+
+    async def _wait(self, entry_id: str, request: GenerationRequest) -> None:
+        """Tokenise ``request`` and queue it for admission, or answer it with its error."""
+        try:
+            seq = self._sequence(request)
+        except BastionError as exc:
+            await self._publish(request, ResultRecord(kind="error", **_error_fields(exc)))
+            await self._done(entry_id)
+            return
+        self.waiting[request.id] = Ticket(request, entry_id, seq, time.monotonic())
 
     def _sequence(self, req: GenerationRequest) -> Sequence:
         if req.model != self.model:
