@@ -424,8 +424,8 @@ _VLLM_ERRORS = (RuntimeError, AssertionError, OSError, aiohttp.ClientError)
 
 
 def start_vllm(servers: contextlib.ExitStack, path: Path) -> tuple[Measure | None, str]:
-    """(e)'s server, kept up by ``servers``, and how to measure it; or None and
-    the reason it does not run. Its notes."""
+    """(e)'s server, kept up by ``servers``, and how to measure it, or None;
+    with either, the note for the table (how it ran, or why it did not)."""
     python = vllm_python()
     if python is None:
         return None, "not installed (make vllm-env, or set BASTION_BENCH_VLLM_PYTHON): skipped"
