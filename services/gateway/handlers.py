@@ -109,11 +109,9 @@ async def _stream(
         await response.write(renderer.chunk(first=True))
     try:
         while True:
-            if isinstance(event, Finish):
-                await response.write(renderer.chunk(finish=event.reason))
-                if renderer.job.include_usage:
-                    await response.write(renderer.usage_chunk(event))
-                await response.write(sse("[DONE]"))
+            if isinstance(event, Finish):  # the closing events in one write
+                usage = renderer.usage_chunk(event) if renderer.job.include_usage else b""
+                await response.write(renderer.chunk(finish=event.reason) + usage + sse("[DONE]"))
                 break
             if isinstance(event, Delta):
                 await response.write(renderer.chunk(event.text))
