@@ -9,6 +9,13 @@ start of a sequence still produce the right spacing.
 With a Rust ("fast") tokenizer this is the `tokenizers` library's own
 ``DecodeStream``, one call into Rust per token. A tokenizer without one is
 decoded by windows: two ``decode`` calls per token, in Python.
+
+``DecodeStream`` raises where a new token changes text already released: with
+byte-fallback tokens (Gemma's ``<0xNN>``), a byte that decoded as a character
+and then a lone lead byte after it decode together as replacement characters.
+A model sampling such bytes is not an error in the request, so that
+sequence's detokeniser goes on by windows from there (what it released stays
+released; the rest comes out as the tokens decode).
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Take one generated token; return the text it completes (maybe empty)."""
+        if isinstance(self._impl, _Stream):
+            try:
+                return self._impl.add(token_id)
+            except Exception:  # tokenizers raises a bare Exception: see the module's note
+                stream = self._impl
+                self._impl = _Windows(stream.backend, stream.released[-CONTEXT_TOKENS:])
+                return "".join(self._impl.add(t) for t in [*stream.held, token_id])
         return self._impl.add(token_id)
 
     def flush(self) -> str:
@@ -47,21 +61,23 @@ class IncrementalDetokenizer:
 
 class _Stream:
     def __init__(self, backend: Tokenizer, context: list[int]) -> None:
-        self._backend = backend
+        self.backend = backend
         self._stream = DecodeStream(ids=context, skip_special_tokens=True)
-        self._held: list[int] = []  # tokens of a character not complete yet
+        self.released = context  # the context and the tokens whose text went out
+        self.held: list[int] = []  # tokens of a character not complete yet
 
     def add(self, token_id: int) -> str:
-        text = self._stream.step(self._backend, token_id)
+        text = self._stream.step(self.backend, token_id)
         if text is None:
-            self._held.append(token_id)
+            self.held.append(token_id)
             return ""
-        self._held.clear()
+        self.released = [*self.released[-CONTEXT_TOKENS:], *self.held, token_id]
+        self.held = []
         return str(text)
 
     def flush(self) -> str:
-        held, self._held = self._held, []
-        return str(self._backend.decode(held, skip_special_tokens=True)) if held else ""
+        held, self.held = self.held, []
+        return str(self.backend.decode(held, skip_special_tokens=True)) if held else ""
 
 
 class _Windows:

@@ -38,6 +38,34 @@ def test_incomplete_character_at_the_end_is_flushed_as_replacement(tiny_lm, back
     assert detok.flush() == ""
 
 
+def _byte_fallback_tokenizer():
+    """A Rust tokenizer with Gemma's kind of byte-fallback tokens (``<0xNN>``)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    for word in ("a", "c", "hello", "▁world"):
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend), vocab
+
+
+def test_a_lone_lead_byte_after_a_released_one_does_not_break_the_stream():
+    """``c`` as a byte token goes out as "c"; a lone lead byte after it makes
+    the two decode together as replacement characters, which tokenizers'
+    DecodeStream refuses. The sequence goes on: nothing released is repeated,
+    and the text after it still arrives."""
+    tok, vocab = _byte_fallback_tokenizer()
+    detok = IncrementalDetokenizer(tok, [vocab["a"]])
+    assert detok.add(vocab["<0x63>"]) == "c"
+    assert detok.add(vocab["<0xEF>"]) == ""  # the start of a three-byte character
+    pieces = [detok.add(vocab["hello"]), detok.add(vocab["▁world"]), detok.flush()]
+    assert "".join(pieces) == REPLACEMENT + "hello world"
+
+
 def _run(stops, pieces):
     matcher = StopMatcher(tuple(stops))
     out = [matcher.feed(p) for p in pieces]
