@@ -6,7 +6,8 @@ left-padded to one length, and, where the cache allows
 (:mod:`bastion_worker.batching`), joined to the running batch; packed, they
 can also be prefilled in a decode step's own pass and joined after it. Every
 step decodes one token for each live row with the KV cache carried between
-steps; finished rows leave the batch at once.
+steps (through :mod:`bastion_worker.decode`'s written-out forward where the
+architecture has one); finished rows leave the batch at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import attention, batching, kvcache
+from bastion_worker import attention, batching, decode, kvcache
 from bastion_worker.detokenize import IncrementalDetokenizer
 from bastion_worker.loader import LoadedModel
 from bastion_worker.sampling import make_generator, sample
@@ -73,6 +74,7 @@ class Engine:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.packs = attention.packs(lm.model)
+        self.decoder = decode.for_model(lm.model)  # None: transformers' forward decodes
 
     def new_sequence(
         self,
@@ -227,15 +229,20 @@ class Engine:
         if joining:
             return self.join(batch, self._packed(joining, batch))
         self._extend(batch)
-        out = self.lm.model(
-            input_ids=batch.last_tokens[:, None],  # [B, 1]
-            attention_mask=batch.attention_mask,
-            position_ids=batch.positions[:, None],
-            cache=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._advance(batch, out.logits[:, -1, :])
+        if self.decoder is not None:
+            logits = self.decoder(
+                batch.last_tokens, batch.positions, batch.attention_mask, batch.cache
+            )
+        else:
+            logits = self.lm.model(
+                input_ids=batch.last_tokens[:, None],  # [B, 1]
+                attention_mask=batch.attention_mask,
+                position_ids=batch.positions[:, None],
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+        self._advance(batch, logits)
         return batch
 
     def _extend(self, batch: Batch) -> None:

@@ -1,0 +1,79 @@
+"""The written-out decode step against transformers' forward, logits compared
+step by step on the same batch state."""
+
+import pytest
+import torch
+
+from bastion_common.messages import SamplingParams
+from bastion_worker import decode, norms
+from bastion_worker.engine import Engine
+from tests.worker.test_engine import PROMPTS, _gemma_shaped, _serving
+
+
+def _two_batches(engine, prompts):
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+
+    def batch():
+        return engine.prefill([engine.new_sequence(str(i), p, params, 99, ()) for i, p in
+                               enumerate(prompts)])  # fmt: skip
+
+    return batch(), batch()
+
+
+def _compare_steps(lm, prompts, steps):
+    """Decode ``steps`` tokens for ``prompts`` (left-padded in one batch) twice,
+    through the decoder and through transformers' forward, feeding both the
+    reference's greedy token; the largest logit difference seen."""
+    engine = Engine(lm)
+    decoder = decode.for_model(lm.model)
+    assert decoder is not None
+    ours, theirs = _two_batches(engine, prompts)
+    worst = 0.0
+    with torch.inference_mode():
+        for _ in range(steps):
+            for batch in (ours, theirs):
+                engine._extend(batch)
+            got = decoder(ours.last_tokens, ours.positions, ours.attention_mask, ours.cache)
+            want = lm.model(
+                input_ids=theirs.last_tokens[:, None],
+                attention_mask=theirs.attention_mask,
+                position_ids=theirs.positions[:, None],
+                cache=theirs.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            worst = max(worst, float((got - want).abs().max()))
+            ours.last_tokens = theirs.last_tokens = want.argmax(-1)
+    return worst
+
+
+def test_llama_steps_match_transformers(tiny_lm):
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # rows are left-padded
+    _compare_steps(tiny_lm, prompts, steps=12)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["model-norms", "fused-norms"])
+def test_gemma_steps_match_transformers_past_the_sliding_window(tiny_lm, fused):
+    """A sliding and a full layer, rows left-padded, decoding past the window
+    (8): the sliding layer's cache keeps only the window and the decoder's
+    mask must follow it. With the loader's fused norms the query and key heads
+    are normalised as one tensor."""
+    model = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+    if fused:
+        assert norms.fuse_norms(model) > 0
+    lm = _serving(tiny_lm, model)
+    assert (decode.for_model(model).qk_scales[0] is not None) == fused
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    assert max(len(p) for p in prompts) > 8
+    _compare_steps(lm, prompts, steps=12)
+
+
+def test_engine_decodes_through_the_decoder_where_it_can(tiny_lm):
+    assert Engine(tiny_lm).decoder is not None
+    capped = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+    capped.config.attn_logit_softcapping = 50.0  # not written out: transformers' forward
+    assert Engine(_serving(tiny_lm, capped)).decoder is None
+    eager = _gemma_shaped(tiny_lm, window=8, head_dim=16, attn="eager")
+    assert decode.for_model(eager) is None
