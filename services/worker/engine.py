@@ -74,7 +74,9 @@ class Engine:
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.packs = attention.packs(lm.model)
-        self.decoder = decode.for_model(lm.model)  # None: transformers' forward decodes
+        # None: transformers' forward runs decode steps and packed passes
+        # (compiled, where torch.compile is on)
+        self.decoder = None if lm.compiled else decode.for_model(lm.model)
 
     def new_sequence(
         self,
@@ -162,16 +164,19 @@ class Engine:
             None if running is None else running.cache,
             decoding,
         )
-        out = self.lm.model(
-            input_ids=ids[None],  # [1, T]
-            attention_mask=attention.NO_MASK,
-            position_ids=positions[None],  # [1, T]
-            cache=writer,
-            use_cache=True,
-            logits_to_keep=keep.to(device),
-            **{attention.SPANS: spans, attention.DECODING: decoding},
-        )
-        logits = out.logits[0]  # [rows, V]
+        keep = keep.to(device)
+        if self.decoder is not None:
+            logits = self.decoder.packed(ids, positions, writer, keep, spans, decoding)
+        else:
+            logits = self.lm.model(
+                input_ids=ids[None],  # [1, T]
+                attention_mask=attention.NO_MASK,
+                position_ids=positions[None],  # [1, T]
+                cache=writer,
+                use_cache=True,
+                logits_to_keep=keep,
+                **{attention.SPANS: spans, attention.DECODING: decoding},
+            ).logits[0]  # [rows, V]
         if running is not None:
             self._advance(running, logits[:skip])
         last = torch.tensor([c[-1] for c in contexts])

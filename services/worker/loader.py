@@ -40,6 +40,7 @@ class LoadedModel:
     pad_id: int
     chat_template: str
     chat_stops: tuple[str, ...]
+    compiled: bool = False  # the model's forward runs through torch.compile
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -220,4 +221,6 @@ def load(
         context,
         params,
     )
-    return LoadedModel(model, tokenizer, device, context, eos, int(pad), template, stops)
+    return LoadedModel(
+        model, tokenizer, device, context, eos, int(pad), template, stops, compile_model
+    )

@@ -1,6 +1,8 @@
 """The written-out decode step against transformers' forward, logits compared
 step by step on the same batch state."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,8 +74,44 @@ def test_gemma_steps_match_transformers_past_the_sliding_window(tiny_lm, fused):
 
 def test_engine_decodes_through_the_decoder_where_it_can(tiny_lm):
     assert Engine(tiny_lm).decoder is not None
+    # torch.compile owns the forward where it is on, decode steps included
+    assert Engine(dataclasses.replace(tiny_lm, compiled=True)).decoder is None
     capped = _gemma_shaped(tiny_lm, window=8, head_dim=16)
     capped.config.attn_logit_softcapping = 50.0  # not written out: transformers' forward
     assert Engine(_serving(tiny_lm, capped)).decoder is None
     eager = _gemma_shaped(tiny_lm, window=8, head_dim=16, attn="eager")
     assert decode.for_model(eager) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_packed_passes_leave_the_caches_and_tokens_transformers_does(tiny_lm, arch):
+    """A packed prefill, then a step that decodes the running rows and prefills
+    two more prompts in the same pass: through the decoder and through
+    transformers' forward, every layer's cache and every token agree."""
+    if arch == "llama":
+        lm = tiny_lm
+    else:
+        model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
+        norms.fuse_norms(model)
+        lm = _serving(tiny_lm, model)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+
+    def run(engine):
+        assert engine.packs
+        first = [engine.new_sequence(str(i), prompts[i], greedy, 9, ()) for i in (0, 1)]
+        batch = engine.prefill(first)
+        engine.decode_step(batch)
+        later = [engine.new_sequence(str(i), prompts[i], greedy, 9, ()) for i in (2, 3)]
+        assert engine.can_join_in_step(batch, later)
+        return engine.decode_step(batch, later)
+
+    ours = Engine(lm)
+    assert ours.decoder is not None
+    theirs = Engine(lm)
+    theirs.decoder = None
+    a, b = run(ours), run(theirs)
+    for x, y in zip(a.cache.layers, b.cache.layers, strict=True):
+        torch.testing.assert_close(x.keys, y.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.values, y.values, rtol=1e-5, atol=1e-5)
+    assert [s.output_ids for s in a.seqs] == [s.output_ids for s in b.seqs]
