@@ -48,13 +48,24 @@ class Decoding:
         """``query``'s first ``rows`` positions ([1, heads, T, head_dim]) against
         their caches: [heads, rows, head_dim]."""
         keys, values = self.cached[layer]
-        heads, dim = query.shape[1], query.shape[-1]
-        # [rows, kv_heads, heads per kv head, head_dim]: a kv head's query heads
-        # attend as one block, so the keys need no repeating (as transformers'
-        # SDPA does for one-token queries).
-        q = query[0, :, : self.rows].transpose(0, 1).reshape(self.rows, keys.shape[1], -1, dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scaling)
-        return out.reshape(self.rows, heads, dim).transpose(0, 1)
+        q = query[0, :, : self.rows].transpose(0, 1)  # [rows, heads, head_dim]
+        return one_token(q, keys, values, self.mask, scaling).transpose(0, 1)
+
+
+def one_token(
+    query: torch.Tensor,  # [rows, heads, head_dim]: one position per row
+    keys: torch.Tensor,  # [rows, kv_heads, width, head_dim]: each row's cache
+    values: torch.Tensor,
+    mask: torch.Tensor | None,  # [rows, 1, 1, width] bool: the positions each row attends to
+    scale: float | None,
+) -> torch.Tensor:
+    """Each row's one query against its cache: [rows, heads, head_dim]. A kv
+    head's query heads attend as one block of "positions", so the keys need no
+    repeating (as transformers' SDPA does for one-token queries)."""
+    rows, heads, dim = query.shape
+    q = query.reshape(rows, keys.shape[1], -1, dim)  # [rows, kv_heads, heads per kv head, dim]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(rows, heads, dim)
 
 
 def packed_sdpa(

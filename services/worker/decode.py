@@ -82,18 +82,13 @@ class Decoder:
         unpadded = bool(attends.all())
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            rows, a = q.shape[0], self.layers[i].self_attn
+            scale = self.layers[i].self_attn.scaling
             keys, values = cache.layers[i].update(k[:, :, None], v[:, :, None])  # [B, kv, n, d]
-            if unpadded:
+            if unpadded:  # transformers' call where no row is padded
                 return F.scaled_dot_product_attention(
-                    q[:, :, None], keys, values, scale=a.scaling, enable_gqa=True
+                    q[:, :, None], keys, values, scale=scale, enable_gqa=True
                 )
-            # As transformers does for one-token queries: a kv head's query
-            # heads attend as one block of "positions", so keys need no repeating.
-            query = q.reshape(rows, self.kv_heads, -1, self.head_dim)
-            return F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=attends[..., -keys.shape[2] :], scale=a.scaling
-            )  # [B, kv_heads, heads per kv head, head_dim]
+            return attention.one_token(q, keys, values, attends[..., -keys.shape[2] :], scale)
 
         return self._logits(self._forward(tokens, positions, attend))
 
