@@ -60,16 +60,34 @@ def sample_row(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+CHUNK = 1024  # vocabulary entries per chunk in greedy()'s first pass
+
+
+def greedy(logits: torch.Tensor) -> list[int]:  # logits: [B, V]
+    """Each row's highest-scoring token, the first of tied ones (as ``argmax``).
+
+    Over a large vocabulary in two passes: the best chunk of :data:`CHUNK`
+    entries by ``amax`` (which keeps no indices), then the best entry inside
+    that chunk. ``max(dim=-1)`` on bf16 logits on the CPU is slow at Gemma 3's
+    262k-token vocabulary: 4.9 against 1.65 ms at 24 rows, 1.8 against 0.57 ms
+    at 8 (AMX Xeon). ``max()`` returns the first index of tied maxima, as
+    ``argmax()`` does, and 4x faster than it on bf16: it is the fallback."""
+    rows, vocab = logits.shape
+    if vocab % CHUNK or vocab < 8 * CHUNK:
+        return list(logits.max(dim=-1).indices.tolist())
+    chunks = logits.reshape(rows, -1, CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the row's max
+    inside = chunks[torch.arange(rows, device=logits.device), best].max(dim=-1).indices
+    return list((best * CHUNK + inside).tolist())
+
+
 def sample(
     logits: torch.Tensor,  # [B, V]
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
 ) -> list[int]:
-    # Plain greedy rows, all at once. max() returns the same (first) index as
-    # argmax(), and on bf16 logits on the CPU it runs 4x faster: at Gemma 3's
-    # 262k-token vocabulary, 2.7 against 11.5 ms for 24 rows.
-    chosen = logits.max(dim=-1).indices.tolist()
+    chosen = greedy(logits)  # plain greedy rows, all at once
     for i, p in enumerate(params):
         if p.temperature != 0.0 or p.penalised:
             row = penalise(logits[i], p, *histories[i]) if p.penalised else logits[i]
