@@ -455,7 +455,9 @@ def _failed(exc: BaseException) -> str:
 @contextlib.contextmanager
 def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
     """The four services as processes, serving ``path`` as "bench-model"; yields
-    the gateway's URL, a token, and the torch thread count the worker picked."""
+    the gateway's URL, a token, and the torch thread count the worker picked.
+    The worker's log is kept as ``platform-worker-<model>.log`` in the results."""
+    import shutil
     import tempfile
 
     from bastion_cli.stack import Stack, free_port
@@ -482,6 +484,9 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
             yield stack.gateway_url, token, _picked_threads(Path(data) / "logs" / "worker.log")
         finally:
             stack.stop()
+            worker_log = Path(data) / "logs" / "worker.log"
+            if worker_log.is_file():  # its thread timings, beside the worker alone's
+                shutil.copyfile(worker_log, RESULTS / f"platform-worker-{path.name}.log")
 
 
 def _picked_threads(log: Path) -> str:
@@ -530,7 +535,10 @@ def bench_model(
             f"threads at start-up (bench/results/worker-{path.name}.log)."
         )
         url, token, threads = servers.enter_context(platform(path, redis_url, max(CONCURRENCY)))
-        notes.append(f"(d) the platform's worker picked {threads} torch threads at start-up.")
+        notes.append(
+            f"(d) the platform's worker picked {threads} torch threads at start-up "
+            f"(bench/results/platform-worker-{path.name}.log)."
+        )
         auth = {"Authorization": f"Bearer {token}"}
         systems: dict[str, Measure] = {
             WORKER: lambda batch, c: asyncio.run(
