@@ -1,5 +1,7 @@
 """oneDNN-packed linear layers: the same numbers as nn.Linear, chosen at load."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,15 @@ def test_fully_packed_model_generates_what_the_dense_one_does(tiny_model_path):
         assert _greedy(packed, prompt) == _greedy(dense, prompt)
 
 
+def test_model_with_merged_mlps_generates_what_the_dense_one_does(tiny_model_path):
+    dense = load(tiny_model_path, "cpu", "float32", linear="dense")
+    merged = load(tiny_model_path, "cpu", "float32", linear="dense")
+    assert onednn.merge_mlps(merged.model, min_elements=0) == merged.model.config.num_hidden_layers
+    assert onednn.pack_linears(merged.model, min_elements=0) > 0
+    for prompt in ("Hello, world!", "The gateway checks every request before it"):
+        assert _greedy(merged, prompt) == _greedy(dense, prompt)
+
+
 def _mlps(dtype):
     """A Gemma 3 MLP (tanh GELU) and a Llama one (SiLU), 64 wide."""
     torch.manual_seed(0)
@@ -105,6 +116,38 @@ def test_fused_bfloat16_mlp_is_at_least_as_close_to_float32_as_the_models_own(in
         fused_error = (holder(x.bfloat16()).float() - want).abs().mean()
         own_error = (original(x.bfloat16()).float() - want).abs().mean()
     assert fused_error <= own_error
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("index", [0, 1], ids=["gemma3-gelu-tanh", "llama-silu"])
+def test_merged_mlp_matches_the_models_own(index, bias):
+    original = _mlps(torch.float32)[index]
+    if bias:
+        for name in ("gate_proj", "up_proj"):
+            layer = getattr(original, name)
+            layer.bias = nn.Parameter(torch.randn(layer.out_features))
+    holder = nn.Sequential(copy.deepcopy(original))
+    assert onednn.merge_mlps(holder, min_elements=0) == 1
+    assert onednn.pack_linears(holder, min_elements=0) == 1  # down; gate and up are one already
+    merged = holder[0]
+    assert isinstance(merged, onednn.MergedMLP) and isinstance(merged.down, onednn.PackedLinear)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(holder(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_dense_float32_mlps_with_a_known_activation_are_merged():
+    gemma, llama = _mlps(torch.float32)
+    odd = _mlps(torch.float32)[1]
+    odd.act_fn = nn.ReLU()
+    packed = _mlps(torch.float32)[0]
+    onednn.pack_linears(packed, min_elements=0)
+    model = nn.Sequential(gemma, llama, odd, packed, _mlps(torch.bfloat16)[0])
+    assert onednn.merge_mlps(model, min_elements=0) == 2
+    assert [type(m) is onednn.MergedMLP for m in model] == [True, True, False, False, False]
+    small = nn.Sequential(_mlps(torch.float32)[0])  # 2 x 160 x 64 weights
+    assert onednn.merge_mlps(small, min_elements=2 * 160 * 64 + 1) == 0
+    assert onednn.merge_mlps(small, min_elements=2 * 160 * 64) == 1
 
 
 def test_only_packed_mlps_with_a_known_activation_are_fused():
