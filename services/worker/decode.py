@@ -8,8 +8,9 @@ from the padding mask, goes through several wrappers per layer (deprecated
 arguments, checkpointing, output capture) and the attention registry, and
 normalises and rotates queries and keys separately: 2,200 torch calls a Gemma
 3 270M step, 1,580 here. The weights, norms, MLPs and KV cache are the
-model's own modules (the packed and fused ones where the loader swapped them
-in); only the glue between them is written out: the padding mask is the mask
+model's own modules (the packed, merged and fused ones where the loader
+swapped them in; a merged query, key and value product is called once and
+sliced); only the glue between them is written out: the padding mask is the mask
 (a sliding-window layer attends to its last columns, which is all its cache
 keeps), the rotary tables are computed once per layer type, and each layer's
 query and key heads are normalised and rotated as one tensor.
@@ -61,6 +62,7 @@ class Decoder:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
+        self.qk_width = (self.heads + self.kv_heads) * self.head_dim
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
         self.head = model.lm_head
         self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -135,10 +137,16 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(n, self.heads, self.head_dim)
-            k = a.k_proj(h).view(n, self.kv_heads, self.head_dim)
-            v = a.v_proj(h).view(n, self.kv_heads, self.head_dim)
-            qk = torch.cat([q, k], dim=1)  # [N, heads + kv_heads, head_dim]
+            merged = getattr(a, "qkv_proj", None)  # onednn.MergedProjections
+            if merged is not None:  # query and key heads side by side already
+                qkv = merged.product(h)
+                qk = qkv[:, : self.qk_width].view(n, self.heads + self.kv_heads, self.head_dim)
+                v = qkv[:, self.qk_width :].view(n, self.kv_heads, self.head_dim)
+            else:
+                q = a.q_proj(h).view(n, self.heads, self.head_dim)
+                k = a.k_proj(h).view(n, self.kv_heads, self.head_dim)
+                v = a.v_proj(h).view(n, self.kv_heads, self.head_dim)
+                qk = torch.cat([q, k], dim=1)  # [N, heads + kv_heads, head_dim]
             if self.gemma:
                 scale = self.qk_scales[i]
                 if scale is not None:

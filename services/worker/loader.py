@@ -196,10 +196,15 @@ def load(
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     fused = norms.fuse_norms(model)
     if linear == "onednn":
-        merged = onednn.merge_mlps(model)  # float32: before packing, from the dense layers
+        # float32: merged before packing, from the dense layers
+        merged = onednn.merge_mlps(model)
+        projections = onednn.merge_projections(model)
         packed = onednn.pack_linears(model)
         mlps = onednn.fuse_mlps(model)  # bfloat16: after packing, it fuses packed layers only
-        linear = f"onednn ({packed} layers packed, {merged} MLPs merged, {mlps} fused)"
+        linear = (
+            f"onednn ({packed} layers packed, {merged} MLPs merged, {mlps} fused, "
+            f"{projections} attention projections merged)"
+        )
     if compile_model:
         model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template

@@ -183,3 +183,89 @@ def fuse_mlps(model: nn.Module) -> int:
         return FusedMLP(child) if fusable else None
 
     return modules.replace(model, make)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+class MergedProjections(nn.Module):
+    """An attention layer's query, key and value projections (all of one input)
+    as one packed product: ``forward(x)`` returns the three outputs, views of
+    one tensor, side by side in that order. The layer's ``q_proj``, ``k_proj``
+    and ``v_proj`` become :class:`ProjectionPart`s of it, for transformers'
+    forward; :mod:`bastion_worker.decode` calls it directly.
+
+    Measured on Gemma 3 270M's shapes (float32, AVX2 EPYC, weights from
+    memory): 0.51 ms at 24 rows against 0.38 ms for the query's packed product
+    and 0.22 ms for each of the key's and value's dense ones (below
+    :data:`MIN_PACKED` alone); 0.18 against 0.31 ms at 1 row.
+    """
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.sizes = [layer.out_features for layer in layers]
+        both = nn.Linear(layers[0].in_features, sum(self.sizes), bias=layers[0].bias is not None)
+        with torch.no_grad():
+            both.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            if both.bias is not None:
+                both.bias.copy_(torch.cat([layer.bias for layer in layers]))
+        self.product = PackedLinear(both)
+        # The last input's outputs, until each part has taken its own.
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._untaken: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.product(x).split(self.sizes, dim=-1)  # type: ignore[no-any-return]
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Output ``index`` for ``x``: the first part asked computes all three,
+        the others take theirs (the same tensor object only, so never stale)."""
+        if x is not self._input or index not in self._untaken:
+            self._input, self._outputs = x, self(x)
+            self._untaken = set(range(len(self.sizes)))
+        self._untaken.discard(index)
+        out = self._outputs[index]
+        if not self._untaken:  # all taken: hold nothing between calls
+            self._input, self._outputs = None, ()
+        return out
+
+
+class ProjectionPart(nn.Module):
+    """One of a :class:`MergedProjections`' outputs, where an ``nn.Linear`` was."""
+
+    def __init__(self, merged: MergedProjections, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.out_features = merged.sizes[index]
+        self.__dict__["merged"] = merged  # not a submodule: the attention layer holds it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged: MergedProjections = self.__dict__["merged"]
+        return merged.part(self.index, x)
+
+
+def merge_projections(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
+    """Give each attention layer whose float32 query, key and value projections
+    are dense, of one input width and bias alike, and merged at least
+    ``min_elements`` weights, a :class:`MergedProjections` as ``qkv_proj``
+    (its three projections become its parts); the count merged. Run before
+    :func:`pack_linears`."""
+    count = 0
+    for module in model.modules():
+        layers: list[Any] = [getattr(module, n, None) for n in PROJECTIONS]
+        if not all(type(layer) is nn.Linear for layer in layers):
+            continue
+        if not (
+            all(layer.weight.dtype == torch.float32 for layer in layers)
+            and len({layer.in_features for layer in layers}) == 1
+            and len({layer.bias is None for layer in layers}) == 1
+            and sum(layer.weight.numel() for layer in layers) >= min_elements
+        ):
+            continue
+        merged = MergedProjections(layers)
+        module.qkv_proj = merged
+        for index, name in enumerate(PROJECTIONS):
+            setattr(module, name, ProjectionPart(merged, index))
+        count += 1
+    return count

@@ -1,13 +1,14 @@
 """The written-out decode step against transformers' forward, logits compared
 step by step on the same batch state."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import decode, norms
+from bastion_worker import decode, norms, onednn
 from bastion_worker.engine import Engine
 from tests.worker.test_engine import PROMPTS, _gemma_shaped, _serving
 
@@ -115,3 +116,23 @@ def test_packed_passes_leave_the_caches_and_tokens_transformers_does(tiny_lm, ar
         torch.testing.assert_close(x.keys, y.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.values, y.values, rtol=1e-5, atol=1e-5)
     assert [s.output_ids for s in a.seqs] == [s.output_ids for s in b.seqs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_merged_attention_projections_change_no_step(tiny_lm, arch):
+    """The loader's merged query, key and value projections: transformers'
+    forward (through the parts) gives the unmerged model's logits, and the
+    decoder (through the merged product) matches transformers' step by step."""
+    if arch == "llama":
+        reference, model = tiny_lm.model, copy.deepcopy(tiny_lm.model)
+    else:
+        reference = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+        model = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+    layers = model.config.num_hidden_layers
+    assert onednn.merge_projections(model, min_elements=0) == layers
+    assert onednn.pack_linears(model, min_elements=0) > 0  # the merged products too
+    encoded = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    ids = torch.tensor([p[: min(map(len, encoded))] for p in encoded])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    _compare_steps(_serving(tiny_lm, model), encoded, steps=10)

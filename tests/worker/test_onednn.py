@@ -181,3 +181,41 @@ def test_auto_picks_onednn_for_float32_on_the_cpu():
 def test_onednn_with_torch_compile_fails_at_load(tiny_model_path):
     with pytest.raises(RuntimeError, match="do not go together"):
         load(tiny_model_path, "cpu", "float32", compile_model=True, linear="onednn")
+
+
+def test_merged_projections_give_each_layer_its_output_once_per_input():
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, n) for n in (128, 32, 32)]
+    merged = onednn.MergedProjections(layers)
+    parts = [onednn.ProjectionPart(merged, i) for i in range(3)]
+    x, y = torch.randn(5, 64), torch.randn(5, 64)
+    with torch.inference_mode():
+        for out, layer in zip(merged(x), layers, strict=True):
+            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+        # in transformers' order, then interleaved with another input: never stale
+        for a, b in ((x, x), (x, y), (y, x)):
+            for part, layer in zip(parts, layers, strict=True):
+                torch.testing.assert_close(part(a), layer(a), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(part(b), layer(b), rtol=1e-5, atol=1e-5)
+        z = torch.randn(5, 64)
+        for part in parts:  # a new input, in transformers' order
+            part(z)
+    assert merged._input is None and merged._outputs == ()  # all taken: nothing held
+    assert list(merged.children()) == [merged.product]  # the parts hold it, not own it
+
+
+def test_only_dense_float32_projections_alike_are_merged():
+    def attention(dtype=torch.float32, bias=(False, False, False), widths=(64, 64, 64)):
+        block = nn.Module()
+        for name, b, w in zip(onednn.PROJECTIONS, bias, widths, strict=True):
+            setattr(block, name, nn.Linear(w, 32, bias=b).to(dtype))
+        return block
+
+    model = nn.ModuleList([
+        attention(), attention(torch.bfloat16), attention(bias=(True, False, False)),
+        attention(widths=(64, 64, 32)),
+    ])  # fmt: skip
+    assert onednn.merge_projections(model, min_elements=0) == 1
+    assert isinstance(model[0].qkv_proj, onednn.MergedProjections)
+    assert [hasattr(m, "qkv_proj") for m in model] == [True, False, False, False]
+    assert onednn.merge_projections(nn.ModuleList([attention()]), min_elements=3 * 32 * 64 + 1) == 0
