@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 
@@ -353,3 +354,73 @@ async def test_a_live_workers_requests_are_left_to_it(tiny_lm, orphan_settings, 
     pending = await aredis.xpending(stream, K.WORKER_GROUP)
     assert pending["consumers"] == [{"name": "alive", "pending": 1}]
     assert not await aredis.exists(req.result_stream)
+
+
+class _GatedEngine(Engine):
+    """The tiny model's engine, numbering its decode steps, noting the step in
+    which each request joins, and holding step ``hold_at`` until released."""
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.steps = 0
+        self.joined_at: dict[str, int] = {}
+        self.hold_at = 0
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def decode_step(self, batch, joining=None):
+        self.steps += 1
+        for seq in joining or ():
+            self.joined_at[seq.request_id] = self.steps
+        if self.steps == self.hold_at:
+            self.held.set()
+            self.release.wait(30)
+        return super().decode_step(batch, joining)
+
+
+@pytest.mark.parametrize("read_after", [True, False], ids=["read-after-step", "step-read-only"])
+async def test_a_request_arriving_during_a_long_step_joins_the_next(
+    tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, monkeypatch, read_after
+):
+    """A request sent while a step runs, after that step's own read: read once
+    a long step ends, it is prefilled in the very next step; without that read,
+    only in the one after."""
+    from bastion_worker import consumer as consumer_module
+
+    # every step counts as long, or none does
+    monkeypatch.setattr(consumer_module, "READ_AFTER_STEP_S", 0.0 if read_after else float("inf"))
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w-late"
+    )
+    stream = settings.keys.requests(settings.served_name)
+    engine = _GatedEngine(tiny_lm)
+    consumer = Consumer(settings, engine, aredis)
+    sends = 0
+    send = consumer._send
+
+    async def counted(*args):  # each step's one round trip, its read included
+        nonlocal sends
+        try:
+            return await send(*args)
+        finally:
+            sends += 1
+
+    consumer._send = counted
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    first = _request(settings, "Tell me", max_tokens=400, temperature=0.0, ignore_eos=True)
+    await aredis.xadd(stream, first.dump())
+    await eventually(lambda: aredis.xlen(first.result_stream))
+    engine.hold_at = engine.steps + 3  # a step not begun yet
+
+    async def held_after_its_read():
+        return engine.held.is_set() and sends >= engine.hold_at
+
+    await eventually(held_after_its_read)
+    late = _request(settings, "Hi", max_tokens=3, temperature=0.0)
+    await aredis.xadd(stream, late.dump())
+    engine.release.set()
+    assert (await _results(aredis, late))[-1].kind == "done"
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert engine.joined_at[late.id] == engine.hold_at + (1 if read_after else 2)
