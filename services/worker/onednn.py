@@ -115,6 +115,18 @@ class FusedMLP(nn.Module):
         return self.down(both)  # type: ignore[no-any-return]
 
 
+def packed_side_by_side(layers: list[nn.Linear]) -> PackedLinear:
+    """One packed layer whose output is ``layers``' outputs side by side (all
+    of one input width, with biases or all without)."""
+    both = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                     bias=layers[0].bias is not None)  # fmt: skip
+    with torch.no_grad():
+        both.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        if both.bias is not None:
+            both.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return PackedLinear(both)
+
+
 class MergedMLP(nn.Module):
     """A float32 gated MLP, ``down(act(gate(x)) * up(x))``, with the gate and up
     projections as one packed product twice as wide, split, then the model's
@@ -131,15 +143,8 @@ class MergedMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
-        gate, up = mlp.gate_proj, mlp.up_proj
-        both = nn.Linear(gate.in_features, gate.out_features + up.out_features,
-                         bias=gate.bias is not None)  # fmt: skip
-        with torch.no_grad():
-            both.weight.copy_(torch.cat([gate.weight, up.weight]))
-            if gate.bias is not None:
-                both.bias.copy_(torch.cat([gate.bias, up.bias]))
-        self.gate_up = PackedLinear(both)
-        self.width = gate.out_features
+        self.gate_up = packed_side_by_side([mlp.gate_proj, mlp.up_proj])
+        self.width = mlp.gate_proj.out_features
         self.down, self.act_fn = mlp.down_proj, mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,12 +209,7 @@ class MergedProjections(nn.Module):
     def __init__(self, layers: list[nn.Linear]) -> None:
         super().__init__()
         self.sizes = [layer.out_features for layer in layers]
-        both = nn.Linear(layers[0].in_features, sum(self.sizes), bias=layers[0].bias is not None)
-        with torch.no_grad():
-            both.weight.copy_(torch.cat([layer.weight for layer in layers]))
-            if both.bias is not None:
-                both.bias.copy_(torch.cat([layer.bias for layer in layers]))
-        self.product = PackedLinear(both)
+        self.product = packed_side_by_side(layers)
         # The last input's outputs, until each part has taken its own.
         self._input: torch.Tensor | None = None
         self._outputs: tuple[torch.Tensor, ...] = ()
@@ -252,7 +252,7 @@ def merge_projections(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
     (its three projections become its parts); the count merged. Run before
     :func:`pack_linears`."""
     count = 0
-    for module in model.modules():
+    for module in list(model.modules()):  # listed first: this adds submodules
         layers: list[Any] = [getattr(module, n, None) for n in PROJECTIONS]
         if not all(type(layer) is nn.Linear for layer in layers):
             continue
