@@ -115,6 +115,17 @@ class FusedMLP(nn.Module):
         return self.down(both)  # type: ignore[no-any-return]
 
 
+def _mergeable(layers: list[nn.Linear], min_elements: int) -> bool:
+    """Whether ``layers`` can be packed side by side (float32, one input width,
+    all with biases or none) into at least ``min_elements`` weights."""
+    return (
+        all(layer.weight.dtype == torch.float32 for layer in layers)
+        and len({layer.in_features for layer in layers}) == 1
+        and len({layer.bias is None for layer in layers}) == 1
+        and sum(layer.weight.numel() for layer in layers) >= min_elements
+    )
+
+
 def packed_side_by_side(layers: list[nn.Linear]) -> PackedLinear:
     """One packed layer whose output is ``layers``' outputs side by side (all
     of one input width, with biases or all without)."""
@@ -162,13 +173,8 @@ def merge_mlps(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
         parts: list[Any] = [getattr(child, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if not all(type(p) is nn.Linear for p in parts):
             return None
-        gate, up, _ = parts
-        wanted = (
-            type(getattr(child, "act_fn", None)) in POST_OPS
-            and gate.weight.dtype == torch.float32
-            and (gate.bias is None) == (up.bias is None)
-            and gate.in_features == up.in_features
-            and gate.weight.numel() + up.weight.numel() >= min_elements
+        wanted = type(getattr(child, "act_fn", None)) in POST_OPS and _mergeable(
+            parts[:2], min_elements
         )
         return MergedMLP(child) if wanted else None
 
@@ -256,12 +262,7 @@ def merge_projections(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
         layers: list[Any] = [getattr(module, n, None) for n in PROJECTIONS]
         if not all(type(layer) is nn.Linear for layer in layers):
             continue
-        if not (
-            all(layer.weight.dtype == torch.float32 for layer in layers)
-            and len({layer.in_features for layer in layers}) == 1
-            and len({layer.bias is None for layer in layers}) == 1
-            and sum(layer.weight.numel() for layer in layers) >= min_elements
-        ):
+        if not _mergeable(layers, min_elements):
             continue
         merged = MergedProjections(layers)
         module.qkv_proj = merged
