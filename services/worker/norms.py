@@ -5,10 +5,10 @@ A decode step's cost outside the matrix products is mostly the dispatch of
 many tiny operations: Gemma 3 270M runs 109 RMSNorms a step (six per layer),
 each ten operations on a few hundred numbers per row. In a packed prefill the
 same layers see over a thousand rows, and there each of those operations is a
-full pass over a float32 copy of the input. Here the sum of squares is one
-``torch.linalg.vector_norm`` pass over the input as it is (accumulated in
-float32, no float32 copy made for it), and the scale (Gemma's ``1 + weight``
-in float32) is computed once at load instead of every call. The arithmetic is
+full pass over a float32 copy of the input. Here the input is cast to
+float32 once (bfloat16), the sum of squares is one ``torch.linalg.vector_norm``
+pass over that copy, the products are made in place on it, and the scale
+(Gemma's ``1 + weight`` in float32) is computed once at load instead of every call. The arithmetic is
 transformers' up to float32 rounding of the mean square (taken as the squared
 norm over ``n``): outputs match theirs to the last bit but for about one
 element in 10^5 in bfloat16, which moves by one bfloat16 step (tested).
@@ -35,10 +35,17 @@ from bastion_worker import modules
 
 
 def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2) + eps)`` over the last dimension, in float32."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    """``x / sqrt(mean(x^2) + eps)`` over the last dimension, in float32; a new
+    tensor (``x`` is left as it is)."""
+    # A narrower dtype is cast once, and both the sum of squares and the product
+    # take the float32 copy: the same numbers, but a product of a bfloat16 and
+    # a float32 tensor takes torch's slower mixed-dtype loop, and the norm
+    # would cast the input again on its own. On the AMX Xeon: [1394, 640]
+    # 0.65 -> 0.41 ms a norm, a packed prefill of 24 prompts 1.06-1.12x.
+    wide = x if x.dtype == torch.float32 else x.float()
+    norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
     inverse = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
-    return torch.mul(x, inverse)  # promoted to float32; a new tensor even for float32 x
+    return torch.mul(x, inverse) if wide is x else wide.mul_(inverse)
 
 
 class GemmaRMSNorm(nn.Module):
