@@ -5,13 +5,14 @@ A decode step's cost outside the matrix products is mostly the dispatch of
 many tiny operations: Gemma 3 270M runs 109 RMSNorms a step (six per layer),
 each ten operations on a few hundred numbers per row. In a packed prefill the
 same layers see over a thousand rows, and there each of those operations is a
-full pass over a float32 copy of the input. Here the input is cast to
-float32 once (bfloat16), the sum of squares is one ``torch.linalg.vector_norm``
-pass over that copy, the products are made in place on it, and the scale
-(Gemma's ``1 + weight`` in float32) is computed once at load instead of every call. The arithmetic is
-transformers' up to float32 rounding of the mean square (taken as the squared
-norm over ``n``): outputs match theirs to the last bit but for about one
-element in 10^5 in bfloat16, which moves by one bfloat16 step (tested).
+full pass over a float32 copy of the input. Here the input is cast to float32
+once (bfloat16), the sum of squares is one ``torch.linalg.vector_norm`` pass
+over that copy, the products are made in place on it, and the scale (Gemma's
+``1 + weight`` in float32) is computed once at load instead of every call. The
+arithmetic is transformers' up to float32 rounding of the mean square (taken
+as the squared norm over ``n``): outputs match theirs to the last bit but for
+about one element in 10^5 in bfloat16, which moves by one bfloat16 step
+(tested).
 
 Measured on Gemma 3 270M (bf16, 2 cores): one norm over a 1,403-token packed
 prefill, 4.99 -> 0.60 ms ([1403, 640]) and 9.84 -> 1.68 ms (the query heads'
