@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from bastion_common import keys as K
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
+from bastion_worker import consumer as consumer_module
 from bastion_worker.consumer import Consumer
 from bastion_worker.engine import Engine
 from bastion_worker.settings import WorkerSettings
@@ -122,6 +123,53 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
         stop.set()
         await asyncio.wait_for(task, 30)
         await own.aclose()
+
+
+async def test_a_burst_spread_over_time_is_prefilled_together(
+    tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, monkeypatch
+):
+    """Requests sent shortly after the one that woke an idle worker (here 50 ms,
+    within a widened quiet gap) join its first prefill; without the wait for a
+    quiet stream the first is prefilled alone."""
+    monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.5)
+    monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
+    )
+    prefills = []
+
+    class Recording(Engine):
+        def prefill(self, seqs):
+            prefills.append(len(seqs))
+            return super().prefill(seqs)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, Recording(tiny_lm), aredis).run(stop))
+    stream = settings.keys.requests(settings.served_name)
+    try:
+        await eventually(lambda: _group_exists(aredis, stream))
+        reqs = [_request(settings, p, max_tokens=3, temperature=0.0) for p in PROMPTS]
+        await aredis.xadd(stream, reqs[0].dump())
+
+        async def first_taken():
+            return (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 1
+
+        await eventually(first_taken)
+        await asyncio.sleep(0.05)  # the spread being tested, not a synchronisation
+        for req in reqs[1:]:
+            await aredis.xadd(stream, req.dump())
+        for req in reqs:
+            assert (await _results(aredis, req))[-1].kind == "done"
+        assert prefills == [len(reqs)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _group_exists(aredis, stream):
+    if not await aredis.exists(stream):
+        return False
+    return any(g["name"] == K.WORKER_GROUP for g in await aredis.xinfo_groups(stream))
 
 
 async def test_worker_registers_while_running(worker, aredis):
