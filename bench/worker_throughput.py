@@ -34,6 +34,7 @@ import torch
 from bastion_cli.stack import embedded_valkey, redis_answers
 from bastion_common.messages import GenerationRequest, Requester, SamplingParams
 from bastion_gateway.broker import Broker
+from bastion_worker import threads
 from bastion_worker.loader import LoadedModel, load, pick_dtype, stored_dtype
 from bastion_worker.settings import WorkerSettings
 from bench.report import RESULTS, publish
@@ -48,14 +49,12 @@ VLLM_START_S = 900  # its first start compiles the model
 # system's run with the median throughput is reported (run-to-run noise is
 # 10-50%). (a) and (b) run once: they are slow, and far from the targets' edges.
 REPEATS = 3
-# After each run the bench waits until the machine is quiet: less than
-# QUIET_SHARE of one core busy over a QUIET_WINDOW_S window (at most QUIET_LIMIT_S).
-# vLLM's server keeps about one core busy for about a second after its last
-# request ends (measured: 9-12 of 10 possible ticks per 100 ms, for 0.9-1.0 s);
+# After each run the bench waits until the machine is quiet (the worker's own
+# test before it times thread counts, at most QUIET_LIMIT_S here). vLLM's
+# server keeps about one core busy for about a second after its last request
+# ends (measured: 9-12 of 10 possible ticks per 100 ms, for 0.9-1.0 s);
 # without the wait that second fell on the first prefills of whichever system
 # ran next (there: the worker, whose burst prefill took 1.5-1.6 s, not 0.5-1.0 s).
-QUIET_SHARE = 0.1
-QUIET_WINDOW_S = 0.2
 QUIET_LIMIT_S = 10.0
 SEQUENTIAL = "(a) sequential generate"
 WORKER = "(c) Bastion worker (Redis included)"
@@ -340,33 +339,6 @@ async def run_openai(
 Measure = Callable[[list[Item], int], Run | str]
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    """The machine's busy and total CPU time so far (in clock ticks), where
-    /proc/stat tells it."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields) - fields[3] - fields[4], sum(fields)  # less idle and iowait
-
-
-def settle() -> float:
-    """Wait until the machine is quiet (see QUIET_SHARE); the seconds waited."""
-    start = time.monotonic()
-    before = _cpu_ticks()
-    cores = os.cpu_count() or 1
-    while before is not None and time.monotonic() - start < QUIET_LIMIT_S:
-        time.sleep(QUIET_WINDOW_S)
-        after = _cpu_ticks()
-        assert after is not None
-        busy, total = after[0] - before[0], after[1] - before[1]
-        if total and busy / total * cores <= QUIET_SHARE:
-            break
-        before = after
-    return time.monotonic() - start
-
-
 # The longest wait for a quiet machine after each system's runs, in seconds.
 SETTLED: dict[str, float] = {}
 
@@ -385,7 +357,7 @@ def interleaved(
             if name in failed:
                 continue
             run = measure(batch, concurrency)
-            waited = settle()
+            waited = threads.wait_until_quiet(QUIET_LIMIT_S)
             SETTLED[name] = max(SETTLED.get(name, 0.0), waited)
             if isinstance(run, str):
                 failed[name] = run
@@ -597,8 +569,8 @@ def bench_model(
     notes.append(f"(e) vLLM's CPU build: {failed.get(VLLM, how)}.")
     notes.append(
         f"After each run of (c), (d) and (e) the bench waited for a quiet machine (under "
-        f"{QUIET_SHARE:.0%} of a core busy for {QUIET_WINDOW_S * 1e3:.0f} ms); the longest "
-        "waits: "
+        f"{threads.QUIET_SHARE:.0%} of a core busy for {threads.QUIET_WINDOW_S * 1e3:.0f} ms); "
+        "the longest waits: "
         + ", ".join(f"{name[:3]} {SETTLED.pop(name):.1f} s" for name in list(SETTLED))
         + "."
     )

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -14,10 +16,17 @@ def test_candidates_double_up_to_the_cores():
 
 
 def test_more_threads_only_when_they_pay():
-    assert threads.pick({1: 1.12, 2: 1.16}) == 1  # the tiny model: a tie
-    assert threads.pick({1: 0.7, 2: 0.6}) == 1  # or a little faster alone, not under load
+    assert threads.pick({1: 0.00112, 2: 0.00116}) == 1  # the tiny model: a tie
+    assert threads.pick({1: 0.0019, 2: 0.0017}) == 1  # or a little faster alone, not under load
     assert threads.pick({1: 0.0716, 2: 0.0444}) == 2  # Gemma 3 270M: 1.6x faster
-    assert threads.pick({1: 0.4, 2: 0.21, 4: 0.2}) == 2  # 4 is not 30% faster than 2
+    assert threads.pick({1: 0.004, 2: 0.0021, 4: 0.002}) == 2  # 4 is not 30% faster than 2
+
+
+def test_a_long_step_takes_more_threads_at_a_smaller_gain():
+    assert threads.pick({1: 0.0897, 2: 0.0730}) == 2  # Gemma, 1.23x: a noisy calibration
+    assert threads.pick({1: 0.0745, 2: 0.0641}) == 2  # 1.16x, timed while others loaded
+    assert threads.pick({1: 0.0786, 2: 0.0769}) == 1  # 1.02x: a tie still keeps 1
+    assert threads.pick({1: 0.0130, 2: 0.0110}) == 1  # a short step still needs 1.3x
 
 
 def test_counts_are_timed_in_turn_and_each_keeps_its_fastest():
@@ -57,3 +66,20 @@ def test_a_pinned_count_holds_against_counts_set_later_on_other_threads():
         assert loop.submit(torch.get_num_threads).result() == 1
     with ThreadPoolExecutor(1) as restore:  # what threads started later inherit
         restore.submit(torch.set_num_threads, before).result()
+
+
+def test_waits_for_a_quiet_machine_while_another_process_is_busy():
+    """A process spinning for a second keeps the machine from being quiet for
+    about that long; the wait ends once it has stopped, well before the limit."""
+    spin = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass",
+        ]
+    )
+    try:
+        waited = threads.wait_until_quiet(limit_s=20.0)
+    finally:
+        spin.wait(10)
+    assert 0.8 <= waited < 20.0
