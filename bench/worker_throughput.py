@@ -548,9 +548,9 @@ def bench_model(
             f"(c) the worker picked {_picked_threads(RESULTS / f'worker-{path.name}.log')} torch "
             f"threads at start-up (bench/results/worker-{path.name}.log)."
         )
-        url, token, threads = servers.enter_context(platform(path, redis_url, max(CONCURRENCY)))
+        url, token, picked = servers.enter_context(platform(path, redis_url, max(CONCURRENCY)))
         notes.append(
-            f"(d) the platform's worker picked {threads} torch threads at start-up "
+            f"(d) the platform's worker picked {picked} torch threads at start-up "
             f"(bench/results/platform-worker-{path.name}.log)."
         )
         auth = {"Authorization": f"Bearer {token}"}
