@@ -83,6 +83,24 @@ async def test_requests_are_served_in_one_batch_and_removed(worker, aredis):
     assert pending["pending"] == 0
 
 
+def _recording_prefills(tiny_lm):
+    """An engine on the tiny model, and the list it appends each prefill's size to."""
+    sizes = []
+
+    class Recording(Engine):
+        def prefill(self, seqs):
+            sizes.append(len(seqs))
+            return super().prefill(seqs)
+
+    return Recording(tiny_lm), sizes
+
+
+async def _served_in_one_prefill(aredis, reqs, prefills):
+    for req in reqs:
+        assert (await _results(aredis, req))[-1].kind == "done"
+    assert prefills == [len(reqs)]
+
+
 async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
     tiny_lm, tiny_model_path, key_prefix, aredis, redis_url
 ):
@@ -91,17 +109,12 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
     settings = WorkerSettings(
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
     )
-    prefills = []
-
-    class Recording(Engine):
-        def prefill(self, seqs):
-            prefills.append(len(seqs))
-            return super().prefill(seqs)
+    engine, prefills = _recording_prefills(tiny_lm)
 
     name = f"{key_prefix}-worker"
     own = aioredis.from_url(redis_url, decode_responses=True, client_name=name)
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, Recording(tiny_lm), own).run(stop))
+    task = asyncio.create_task(Consumer(settings, engine, own).run(stop))
     stream = settings.keys.requests(settings.served_name)
 
     async def blocked_on_the_stream():
@@ -116,9 +129,7 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
         for req in reqs:
             pipe.xadd(stream, req.dump())
         await pipe.execute()
-        for req in reqs:
-            assert (await _results(aredis, req))[-1].kind == "done"
-        assert prefills == [len(reqs)]
+        await _served_in_one_prefill(aredis, reqs, prefills)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -136,15 +147,10 @@ async def test_a_burst_spread_over_time_is_prefilled_together(
     settings = WorkerSettings(
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
     )
-    prefills = []
-
-    class Recording(Engine):
-        def prefill(self, seqs):
-            prefills.append(len(seqs))
-            return super().prefill(seqs)
+    engine, prefills = _recording_prefills(tiny_lm)
 
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, Recording(tiny_lm), aredis).run(stop))
+    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
     stream = settings.keys.requests(settings.served_name)
     try:
         await eventually(lambda: _group_exists(aredis, stream))
@@ -158,9 +164,7 @@ async def test_a_burst_spread_over_time_is_prefilled_together(
         await asyncio.sleep(0.05)  # the spread being tested, not a synchronisation
         for req in reqs[1:]:
             await aredis.xadd(stream, req.dump())
-        for req in reqs:
-            assert (await _results(aredis, req))[-1].kind == "done"
-        assert prefills == [len(reqs)]
+        await _served_in_one_prefill(aredis, reqs, prefills)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
