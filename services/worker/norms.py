@@ -41,8 +41,9 @@ def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
     # A narrower dtype is cast once, and both the sum of squares and the product
     # take the float32 copy: the same numbers, but a product of a bfloat16 and
     # a float32 tensor takes torch's slower mixed-dtype loop, and the norm
-    # would cast the input again on its own. On the AMX Xeon: [1394, 640]
-    # 0.65 -> 0.41 ms a norm, a packed prefill of 24 prompts 1.06-1.12x.
+    # would cast the input again on its own. On the AMX Xeon, one norm over
+    # [1394, 640]: 0.77-0.98 -> 0.51-0.60 ms (a whole prefill's change was
+    # within that machine's minute-to-minute noise).
     wide = x if x.dtype == torch.float32 else x.float()
     norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
     inverse = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
