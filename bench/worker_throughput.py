@@ -339,17 +339,19 @@ async def run_openai(
 Measure = Callable[[list[Item], int], Run | str]
 
 
-# The longest wait for a quiet machine after each system's runs, in seconds.
-SETTLED: dict[str, float] = {}
-
-
 def interleaved(
-    systems: dict[str, Measure], items: list[Item], concurrency: int, failed: dict[str, str]
+    systems: dict[str, Measure],
+    items: list[Item],
+    concurrency: int,
+    failed: dict[str, str],
+    settled: dict[str, float],
 ) -> list[Run]:
     """A warm-up of each system on the first ``concurrency`` requests, then
     ``REPEATS`` rounds in which each serves them all in turn, the machine left
     to settle after each run; each system's run with the median throughput. A
-    system that fails is noted in ``failed`` and left out from then on."""
+    system that fails is noted in ``failed`` and left out from then on; the
+    longest wait for a quiet machine after each system's runs goes in
+    ``settled`` (seconds)."""
     runs: dict[str, list[Run]] = {name: [] for name in systems}
     for round_ in range(REPEATS + 1):
         batch = items[:concurrency] if round_ == 0 else items
@@ -358,7 +360,7 @@ def interleaved(
                 continue
             run = measure(batch, concurrency)
             waited = threads.wait_until_quiet(QUIET_LIMIT_S)
-            SETTLED[name] = max(SETTLED.get(name, 0.0), waited)
+            settled[name] = max(settled.get(name, 0.0), waited)
             if isinstance(run, str):
                 failed[name] = run
             elif round_ > 0:
@@ -542,6 +544,7 @@ def bench_model(
     # next to nothing (measured idle: each of the platform's services under 0.4%
     # of a core, vLLM's server 1.2%).
     failed: dict[str, str] = {}
+    settled: dict[str, float] = {}
     with contextlib.ExitStack() as servers:
         settings = servers.enter_context(worker_process(path, redis_url, max(CONCURRENCY)))
         notes.append(
@@ -564,14 +567,14 @@ def bench_model(
         if vllm is not None:
             systems[VLLM] = vllm
         for c in CONCURRENCY:
-            for run in interleaved(systems, items, c, failed):
+            for run in interleaved(systems, items, c, failed, settled):
                 measured(run)
     notes.append(f"(e) vLLM's CPU build: {failed.get(VLLM, how)}.")
     notes.append(
         f"After each run of (c), (d) and (e) the bench waited for a quiet machine (under "
         f"{threads.QUIET_SHARE:.0%} of a core busy for {threads.QUIET_WINDOW_S * 1e3:.0f} ms); "
         "the longest waits: "
-        + ", ".join(f"{name[:3]} {SETTLED.pop(name):.1f} s" for name in list(SETTLED))
+        + ", ".join(f"{name[:3]} {s:.1f} s" for name, s in settled.items())
         + "."
     )
     base_a = {r.concurrency: r.tps for r in runs if r.system == SEQUENTIAL}
