@@ -86,14 +86,13 @@ class Decoder:
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any
     ) -> torch.Tensor:
-        attends: torch.Tensor | None = mask.bool()[:, None, None, :]  # [B, 1, 1, width]
-        if attends is not None and bool(attends.all()):
-            attends = None  # no row is padded: SDPA without a mask
+        attends = mask.bool()[:, None, None, :]  # [B, 1, 1, width]
+        unpadded = bool(attends.all())  # then SDPA runs without a mask
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             scale = self.layers[i].self_attn.scaling
             keys, values = cache.layers[i].update(k[:, :, None], v[:, :, None])  # [B, kv, n, d]
-            window = None if attends is None else attends[..., -keys.shape[2] :]
+            window = None if unpadded else attends[..., -keys.shape[2] :]
             return attention.one_token(q, keys, values, window, scale)
 
         return self._logits(self._forward(tokens, positions, attend))

@@ -73,6 +73,22 @@ def test_gemma_steps_match_transformers_past_the_sliding_window(tiny_lm, fused):
     _compare_steps(lm, prompts, steps=12)
 
 
+@pytest.mark.parametrize("rows", [1, 3], ids=["one-row", "equal-lengths"])
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_unpadded_steps_match_transformers(tiny_lm, arch, rows):
+    """No row padded (one row, or prompts of one length): attention runs
+    without a mask, each kv head's query heads as one block, where
+    transformers' call groups them inside SDPA."""
+    gemma = _gemma_shaped(tiny_lm, window=8, head_dim=16)
+    lm = tiny_lm if arch == "llama" else _serving(tiny_lm, gemma)
+    encoded = [tiny_lm.encode_prompt(p) for p in PROMPTS[:rows]]
+    shortest = min(map(len, encoded))
+    prompts = [p[:shortest] for p in encoded]
+    ours, _ = _two_batches(Engine(lm), prompts)
+    assert bool(ours.attention_mask.all())  # nothing padded
+    _compare_steps(lm, prompts, steps=12)
+
+
 def test_engine_decodes_through_the_decoder_where_it_can(tiny_lm):
     assert Engine(tiny_lm).decoder is not None
     # torch.compile owns the forward where it is on, decode steps included
