@@ -23,7 +23,8 @@ group the heads itself (``enable_gqa``), which on the CPU costs Gemma 3 270M
 (bf16) 152 against 30 us a layer at 1 row (AVX-512 EPYC): its decode step at 1
 row took 43.7 against 45.6 ms, at 8 unpadded rows 44.9 against 60.1 ms
 (alternated in one process), with the same greedy tokens; the tiny model's
-within noise (0.50 against 0.49 ms at 1 row). In float32 the logits match
+0.50 against 0.49 ms at 1 row and 1.11-1.48 against 1.02-1.43 ms at 8
+unpadded rows (within noise, or a few percent slower). In float32 the logits match
 transformers' to rounding (tested on the tiny models, sliding windows and left
 padding included) and in bfloat16 Gemma's greedy tokens matched theirs.
 Decode steps and packed passes (prompts back to back, running rows' tokens
