@@ -52,6 +52,10 @@ def merge_caches(a: DynamicCache, b: DynamicCache, width: int) -> None:
     for la, lb in zip(a.layers, b.layers, strict=True):
         assert la.keys is not None and la.values is not None
         assert lb.keys is not None and lb.values is not None
+        if isinstance(la, BufferedLayer):  # in place: only b's rows are copied
+            la.join(lb.keys, lb.values, width)
+            _resync(la)
+            continue
         la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
         la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
         _resync(la)

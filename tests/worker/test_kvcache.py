@@ -106,3 +106,47 @@ def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding()
         assert layer.keys is not None and layer.values is not None
         assert torch.equal(layer.keys, k[[3, 1], :, 2:])
         assert torch.equal(layer.values, v[[3, 1], :, 2:])
+
+
+def test_joining_writes_new_rows_in_place_and_pads_both_sides():
+    """A join equals left-padding both caches to one width and stacking them;
+    while the buffer has spare rows it is not reallocated, so nothing already
+    cached is copied."""
+    from bastion_worker.batching import merge_caches
+
+    gen = torch.Generator().manual_seed(3)
+
+    def cache_of(rows: int, n: int) -> tuple[DynamicCache, tuple[torch.Tensor, torch.Tensor]]:
+        cache = DynamicCache()
+        cache.layers = [BufferedLayer()]
+        states = _states(rows, n, gen)
+        cache.layers[0].update(*states)
+        return cache, states
+
+    def padded(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
+    running, (k0, v0) = cache_of(4, 6)
+    layer = running.layers[0]
+    new, (k1, v1) = cache_of(1, 3)  # shorter: padded on the left
+    merge_caches(running, new, 6)
+    want_k, want_v = torch.cat([k0, padded(k1, 6)]), torch.cat([v0, padded(v1, 6)])
+    assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+
+    longer, (k2, v2) = cache_of(2, 9)  # longer: the running rows gain padding on the left
+    merge_caches(running, longer, 9)
+    want_k, want_v = torch.cat([padded(want_k, 9), k2]), torch.cat([padded(want_v, 9), v2])
+    assert torch.equal(layer.keys, want_k) and torch.equal(layer.values, want_v)
+
+    step_k, step_v = _states(7, 1, gen)  # a decode step after the joins writes in place
+    got_k, got_v = layer.update(step_k, step_v)
+    assert torch.equal(got_k, torch.cat([want_k, step_k], dim=-2))
+    assert torch.equal(got_v, torch.cat([want_v, step_v], dim=-2))
+
+    short, (k3, v3) = cache_of(1, 2)
+    before = layer.keys.untyped_storage().data_ptr()
+    merge_caches(running, short, 10)
+    assert layer.keys.untyped_storage().data_ptr() == before  # spare rows: no reallocation
+    assert torch.equal(layer.keys[:7], padded(got_k, 10))
+    assert torch.equal(layer.keys[7:], padded(k3, 10))
+    assert torch.equal(layer.values[7:], padded(v3, 10))
