@@ -41,10 +41,10 @@ async def serve(settings: WorkerSettings) -> None:
             settings.compile,
             settings.linear,
         )
+        engine = Engine(lm)
     except RuntimeError as exc:  # an option this machine cannot run: say so and stop
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
-    engine = Engine(lm)
     if settings.compile:
         try:
             await asyncio.to_thread(engine.warm_up)

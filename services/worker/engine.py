@@ -75,8 +75,14 @@ class Engine:
         self.lm = lm
         self.packs = attention.packs(lm.model)
         # None: transformers' forward runs decode steps and packed passes
-        # (compiled, where torch.compile is on)
-        self.decoder = None if lm.compiled else decode.for_model(lm.model)
+        self.decoder = decode.for_model(lm.model)
+        if lm.compiled:
+            if self.decoder is None:
+                raise RuntimeError(
+                    "BASTION_COMPILE=true compiles the worker's written-out forward, which "
+                    "runs Gemma 3 and Llama-family models with SDPA attention only"
+                )
+            self.decoder.compile()
 
     def new_sequence(
         self,

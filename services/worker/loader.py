@@ -40,7 +40,7 @@ class LoadedModel:
     pad_id: int
     chat_template: str
     chat_stops: tuple[str, ...]
-    compiled: bool = False  # the model's forward runs through torch.compile
+    compiled: bool = False  # the engine's written-out forward runs through torch.compile
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -140,14 +140,12 @@ def pick_linear(
     device: torch.device,
     dtype: torch.dtype,
     quantization: str,
-    compile_model: bool = False,
 ) -> str:
     """``onednn`` (weights packed at load) for unquantized fp32, or bf16 where the
-    CPU has it natively, on the CPU; else dense. torch.compile cannot lower the
-    packed calls, so it keeps dense layers."""
+    CPU has it natively, on the CPU; else dense."""
     fits = device.type == "cpu" and quantization == "none" and onednn.available(dtype)
     if choice == "auto":
-        return "onednn" if fits and not compile_model else "dense"
+        return "onednn" if fits else "dense"
     if choice == "onednn" and not onednn.available():
         raise RuntimeError("BASTION_LINEAR=onednn needs a torch build with oneDNN (mkldnn)")
     if choice == "onednn" and not fits:
@@ -155,8 +153,6 @@ def pick_linear(
             "BASTION_LINEAR=onednn runs unquantized float32 (or bfloat16 where the CPU "
             "has it natively) models on the CPU only; use dense or auto here"
         )
-    if choice == "onednn" and compile_model:
-        raise RuntimeError("BASTION_LINEAR=onednn and BASTION_COMPILE=true do not go together")
     return choice
 
 
@@ -177,7 +173,7 @@ def load(
     dtype = pick_dtype(dtype_choice, device, stored_dtype(path))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     quant = quantization_config(quantization, dtype)
-    linear = pick_linear(linear, device, dtype, quantization, compile_model)
+    linear = pick_linear(linear, device, dtype, quantization)
     attn = pick_attention(attention, device)
     if attn == "sdpa":  # the same SDPA, and prompts prefilled packed
         packed_attention.register()
@@ -205,8 +201,6 @@ def load(
             f"onednn ({packed} layers packed, {merged} MLPs merged, {mlps} fused, "
             f"{projections} attention projections merged)"
         )
-    if compile_model:
-        model.forward = torch.compile(model.forward, dynamic=True)
     template = tokenizer.chat_template
     stops: tuple[str, ...] = ()
     if not isinstance(template, str):

@@ -10,6 +10,8 @@ Intel's extension is discontinued and pinned to older torch releases. So this
 module swaps each ``nn.Linear`` for a small module calling the same two
 oneDNN operators inductor uses (``mkldnn._reorder_linear_weight`` and
 ``mkldnn._linear_pointwise``), which ship in every x86 CPU build of torch.
+Under ``torch.compile`` each packed layer (and each fused MLP) is one opaque
+operator in the graph (:mod:`bastion_worker.compiled`).
 
 The packed call has a fixed cost of about 15-45 us, so only fp32 weights of
 at least ``MIN_PACKED`` elements are packed (measured on a 2-core AVX2
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 from transformers.activations import GELUTanh, SiLUActivation
 
-from bastion_worker import modules
+from bastion_worker import compiled, modules
 
 MIN_PACKED = 1 << 19  # fp32 weight elements; every bf16 weight is packed
 
@@ -61,8 +63,14 @@ class PackedLinear(nn.Module):
         # Plain attributes, not buffers: a packed tensor has no strides to save or move.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.key = compiled.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the packed weight is opaque to the compiler
+            return compiled.product(x, self.key, self.out_features)
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -104,8 +112,14 @@ class FusedMLP(nn.Module):
         super().__init__()
         self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.attr, self.algorithm = POST_OPS[type(mlp.act_fn)]
+        self.key = compiled.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return compiled.product(x, self.key, self.down.out_features)
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         gated = torch.ops.mkldnn._linear_pointwise(
             x, self.gate.packed, self.gate.bias, self.attr, [], self.algorithm
         )

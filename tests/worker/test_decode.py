@@ -91,8 +91,6 @@ def test_unpadded_steps_match_transformers(tiny_lm, arch, rows):
 
 def test_engine_decodes_through_the_decoder_where_it_can(tiny_lm):
     assert Engine(tiny_lm).decoder is not None
-    # torch.compile owns the forward where it is on, decode steps included
-    assert Engine(dataclasses.replace(tiny_lm, compiled=True)).decoder is None
     capped = _gemma_shaped(tiny_lm, window=8, head_dim=16)
     capped.config.attn_logit_softcapping = 50.0  # not written out: transformers' forward
     assert Engine(_serving(tiny_lm, capped)).decoder is None
@@ -152,3 +150,43 @@ def test_merged_attention_projections_change_no_step(tiny_lm, arch):
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     _compare_steps(_serving(tiny_lm, model), encoded, steps=10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_compiled_forward_gives_the_eager_tokens(tiny_lm, arch):
+    """torch.compile over the written-out forward (products and attention
+    opaque): in float32 a packed prefill, decode steps, a step that prefills
+    joining prompts and a one-row batch give the eager decoder's tokens."""
+    if arch == "llama":
+        lm = tiny_lm
+    else:
+        model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
+        norms.fuse_norms(model)
+        lm = _serving(tiny_lm, model)
+    prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+
+    def run(engine):
+        first = [engine.new_sequence(str(i), prompts[i], greedy, 8, ()) for i in (0, 1)]
+        batch = engine.prefill(first)
+        engine.decode_step(batch)
+        later = [engine.new_sequence(str(i), prompts[i], greedy, 8, ()) for i in (2, 3)]
+        batch = engine.decode_step(batch, later)
+        for _ in range(4):
+            engine.decode_step(batch)
+        alone = engine.prefill([engine.new_sequence("x", prompts[2], greedy, 4, ())])
+        for _ in range(3):
+            engine.decode_step(alone)
+        return [s.output_ids for s in batch.seqs + alone.seqs]
+
+    compiled = Engine(dataclasses.replace(lm, compiled=True))
+    assert compiled.decoder is not None and compiled.decoder.compiled_forward is not None
+    want = run(Engine(lm))
+    assert run(compiled) == want
+    assert all(want)
+
+
+def test_compiling_a_model_without_the_written_out_forward_fails_at_start(tiny_lm):
+    eager = _gemma_shaped(tiny_lm, window=8, head_dim=16, attn="eager")
+    with pytest.raises(RuntimeError, match="BASTION_COMPILE"):
+        Engine(dataclasses.replace(_serving(tiny_lm, eager), compiled=True))

@@ -175,12 +175,6 @@ def test_auto_picks_onednn_for_float32_on_the_cpu():
     assert pick_linear("auto", cpu, torch.float16, "none") == "dense"
     assert pick_linear("auto", cpu, torch.float32, "nf4") == "dense"
     assert pick_linear("dense", cpu, torch.float32, "none") == "dense"
-    assert pick_linear("auto", cpu, torch.float32, "none", compile_model=True) == "dense"
-
-
-def test_onednn_with_torch_compile_fails_at_load(tiny_model_path):
-    with pytest.raises(RuntimeError, match="do not go together"):
-        load(tiny_model_path, "cpu", "float32", compile_model=True, linear="onednn")
 
 
 def test_merged_projections_give_each_layer_its_output_once_per_input():
