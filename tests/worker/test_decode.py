@@ -98,17 +98,22 @@ def test_engine_decodes_through_the_decoder_where_it_can(tiny_lm):
     assert decode.for_model(eager) is None
 
 
+def _packing_lm(tiny_lm, arch):
+    """The tiny Llama, or a Gemma-shaped model with the worker's norms, both
+    prefilling packed."""
+    if arch == "llama":
+        return tiny_lm
+    model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
+    norms.fuse_norms(model)
+    return _serving(tiny_lm, model)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_packed_passes_leave_the_caches_and_tokens_transformers_does(tiny_lm, arch):
     """A packed prefill, then a step that decodes the running rows and prefills
     two more prompts in the same pass: through the decoder and through
     transformers' forward, every layer's cache and every token agree."""
-    if arch == "llama":
-        lm = tiny_lm
-    else:
-        model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
-        norms.fuse_norms(model)
-        lm = _serving(tiny_lm, model)
+    lm = _packing_lm(tiny_lm, arch)
     prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
 
@@ -157,12 +162,7 @@ def test_compiled_forward_gives_the_eager_tokens(tiny_lm, arch):
     """torch.compile over the written-out forward (products and attention
     opaque): in float32 a packed prefill, decode steps, a step that prefills
     joining prompts and a one-row batch give the eager decoder's tokens."""
-    if arch == "llama":
-        lm = tiny_lm
-    else:
-        model = _gemma_shaped(tiny_lm, window=48, head_dim=16)
-        norms.fuse_norms(model)
-        lm = _serving(tiny_lm, model)
+    lm = _packing_lm(tiny_lm, arch)
     prompts = [tiny_lm.encode_prompt(p) for p in PROMPTS]
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
 
