@@ -170,6 +170,42 @@ async def test_a_burst_spread_over_time_is_prefilled_together(
         await asyncio.wait_for(task, 30)
 
 
+async def test_once_a_burst_has_begun_the_quiet_gap_widens(
+    tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, monkeypatch
+):
+    """Two requests together make a burst: a third sent 200 ms later, past the
+    lone request's quiet gap but within a burst's, still joins their prefill."""
+    monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.05)
+    monkeypatch.setattr(consumer_module, "COALESCE_BURST_GAP_S", 1.0)
+    monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
+    )
+    engine, prefills = _recording_prefills(tiny_lm)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
+    stream = settings.keys.requests(settings.served_name)
+    try:
+        await eventually(lambda: _group_exists(aredis, stream))
+        reqs = [_request(settings, p, max_tokens=3, temperature=0.0) for p in PROMPTS[:3]]
+        pipe = aredis.pipeline(transaction=False)
+        for req in reqs[:2]:
+            pipe.xadd(stream, req.dump())
+        await pipe.execute()
+
+        async def both_taken():
+            return (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 2
+
+        await eventually(both_taken)
+        await asyncio.sleep(0.2)  # the spread being tested, not a synchronisation
+        await aredis.xadd(stream, reqs[2].dump())
+        await _served_in_one_prefill(aredis, reqs, prefills)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 async def _group_exists(aredis, stream):
     if not await aredis.exists(stream):
         return False
