@@ -136,6 +136,34 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
         await own.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url):
+    """A consumer waiting on its stream: yields its settings, the stream and the
+    sizes of the prefills it runs."""
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
+    )
+    engine, prefills = _recording_prefills(tiny_lm)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
+    stream = settings.keys.requests(settings.served_name)
+    try:
+        await eventually(lambda: _group_exists(aredis, stream))
+        yield settings, stream, prefills
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _taken(aredis, stream, n):
+    """Wait until the worker has taken ``n`` requests from ``stream``."""
+
+    async def pending():
+        return (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == n
+
+    await eventually(pending)
+
+
 async def test_a_burst_spread_over_time_is_prefilled_together(
     tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, monkeypatch
 ):
@@ -144,30 +172,16 @@ async def test_a_burst_spread_over_time_is_prefilled_together(
     quiet stream the first is prefilled alone."""
     monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.5)
     monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
-    settings = WorkerSettings(
-        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
-    )
-    engine, prefills = _recording_prefills(tiny_lm)
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
-    stream = settings.keys.requests(settings.served_name)
-    try:
-        await eventually(lambda: _group_exists(aredis, stream))
+    async with _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url) as (
+        settings, stream, prefills,
+    ):  # fmt: skip
         reqs = [_request(settings, p, max_tokens=3, temperature=0.0) for p in PROMPTS]
         await aredis.xadd(stream, reqs[0].dump())
-
-        async def first_taken():
-            return (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 1
-
-        await eventually(first_taken)
+        await _taken(aredis, stream, 1)
         await asyncio.sleep(0.05)  # the spread being tested, not a synchronisation
         for req in reqs[1:]:
             await aredis.xadd(stream, req.dump())
         await _served_in_one_prefill(aredis, reqs, prefills)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_once_a_burst_has_begun_the_quiet_gap_widens(
@@ -178,32 +192,18 @@ async def test_once_a_burst_has_begun_the_quiet_gap_widens(
     monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.05)
     monkeypatch.setattr(consumer_module, "COALESCE_BURST_GAP_S", 1.0)
     monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
-    settings = WorkerSettings(
-        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
-    )
-    engine, prefills = _recording_prefills(tiny_lm)
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
-    stream = settings.keys.requests(settings.served_name)
-    try:
-        await eventually(lambda: _group_exists(aredis, stream))
+    async with _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url) as (
+        settings, stream, prefills,
+    ):  # fmt: skip
         reqs = [_request(settings, p, max_tokens=3, temperature=0.0) for p in PROMPTS[:3]]
         pipe = aredis.pipeline(transaction=False)
         for req in reqs[:2]:
             pipe.xadd(stream, req.dump())
         await pipe.execute()
-
-        async def both_taken():
-            return (await aredis.xpending(stream, K.WORKER_GROUP))["pending"] == 2
-
-        await eventually(both_taken)
+        await _taken(aredis, stream, 2)
         await asyncio.sleep(0.2)  # the spread being tested, not a synchronisation
         await aredis.xadd(stream, reqs[2].dump())
         await _served_in_one_prefill(aredis, reqs, prefills)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def _group_exists(aredis, stream):
