@@ -5,8 +5,8 @@ Inductor cannot trace two things in a forward pass: oneDNN's packed weights
 bookkeeping (Python objects written in place). With torch 2.13 it also fails
 to lower SDPA at the worker's cache shapes ("Exponent must be non-negative").
 So both go into the graph as opaque operators, as vLLM does with its own
-attention and GEMM kernels: :func:`product` runs one packed layer (or a fused
-MLP) eagerly by a key, and :func:`attend` runs the pass's attention for a
+attention and GEMM kernels: an :class:`Opaque` layer (a packed product or a
+fused MLP) is one operator that runs it eagerly, and :func:`attend` runs the pass's attention for a
 layer, which the caller hands over with :func:`attending`. Everything between
 them (embedding scale, norms, rotary, residuals, activations of merged MLPs)
 is what Inductor fuses into a few C++ loops.
@@ -44,13 +44,6 @@ _keys = itertools.count()
 _attend: list[Attend] = []  # the pass running now (one engine thread)
 
 
-def register(layer: nn.Module) -> int:
-    """A key for ``layer``, whose ``eager(x)`` :func:`product` calls."""
-    key = next(_keys)
-    _layers[key] = layer
-    return key
-
-
 @torch.library.custom_op("bastion::product", mutates_args=())
 def _product(x: torch.Tensor, key: int, width: int) -> torch.Tensor:
     return _layers[key].eager(x)  # type: ignore[no-any-return, operator]
@@ -61,9 +54,24 @@ def _(x: torch.Tensor, key: int, width: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], width))
 
 
-def product(x: torch.Tensor, key: int, width: int) -> torch.Tensor:
-    """The registered layer ``key`` on ``x``, opaque to the compiler: [..., width]."""
-    return torch.ops.bastion.product(x, key, width)  # type: ignore[no-any-return]
+class Opaque(nn.Module):
+    """A layer the compiler calls as one operator: ``eager(x)``, whose output
+    is ``width`` wide, run as it is; outside compiling, called directly."""
+
+    width: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = next(_keys)
+        _layers[self.key] = self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.bastion.product(x, self.key, self.width)  # type: ignore[no-any-return]
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @torch.library.custom_op("bastion::attend", mutates_args=())

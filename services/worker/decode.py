@@ -111,7 +111,7 @@ class Decoder:
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        attend: compiled.Attend,
     ) -> torch.Tensor:
         if self.compiled_forward is None:
             return self._forward(tokens, positions, attend)
@@ -147,7 +147,7 @@ class Decoder:
         self,
         tokens: torch.Tensor,  # [N]
         positions: torch.Tensor,  # [N]
-        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        attend: compiled.Attend,
     ) -> torch.Tensor:
         """The last hidden states ([N, hidden]) of ``tokens``, layer ``i``'s
         attention being ``attend(i, q, k, v)`` ([N, heads or kv_heads, head_dim] each)."""

@@ -40,12 +40,8 @@ MIN_HEADROOM = 64  # columns
 MIN_ROW_HEADROOM = 8
 
 
-def _headroom(needed: int) -> int:
-    return max(MIN_HEADROOM, needed // 4)
-
-
-def _row_headroom(needed: int) -> int:
-    return max(MIN_ROW_HEADROOM, needed // 4)
+def _headroom(needed: int, least: int = MIN_HEADROOM) -> int:
+    return max(least, needed // 4)
 
 
 class _Columns:
@@ -88,7 +84,7 @@ class _Columns:
         if rows > self.data.shape[0] or wider > self.start:
             capacity = self.data.shape[0]
             if rows > capacity:
-                capacity = rows + _row_headroom(rows)
+                capacity = rows + _headroom(rows, MIN_ROW_HEADROOM)
             self._move(capacity, held + wider + _headroom(held + wider), wider)
         if wider:
             self.start -= wider

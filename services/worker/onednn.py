@@ -52,23 +52,17 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype == torch.float32
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(compiled.Opaque):
     """``y = x W^T + b`` with ``W`` held in oneDNN's blocked layout."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.out_features = self.width = linear.out_features
         weight = linear.weight.detach()
         # Plain attributes, not buffers: a packed tensor has no strides to save or move.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        self.key = compiled.register(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the packed weight is opaque to the compiler
-            return compiled.product(x, self.key, self.out_features)
-        return self.eager(x)
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -95,7 +89,7 @@ def pack_linears(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
 POST_OPS: dict[type, tuple[str, str]] = {GELUTanh: ("gelu", "tanh"), SiLUActivation: ("swish", "")}
 
 
-class FusedMLP(nn.Module):
+class FusedMLP(compiled.Opaque):
     """A gated MLP, ``down(act(gate(x)) * up(x))``, in three oneDNN calls instead
     of five operations: the activation is applied to the gate's product as it is
     written out, and the up projection's product is multiplied by that as it is
@@ -112,12 +106,7 @@ class FusedMLP(nn.Module):
         super().__init__()
         self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.attr, self.algorithm = POST_OPS[type(mlp.act_fn)]
-        self.key = compiled.register(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return compiled.product(x, self.key, self.down.out_features)
-        return self.eager(x)
+        self.width = self.down.out_features
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
         gated = torch.ops.mkldnn._linear_pointwise(
