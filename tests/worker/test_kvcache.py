@@ -108,6 +108,23 @@ def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding()
         assert torch.equal(layer.values, v[[3, 1], :, 2:])
 
 
+def test_several_leaving_rows_each_take_one_of_the_last_rows():
+    from bastion_worker.batching import keep_rows
+
+    gen = torch.Generator().manual_seed(4)
+    cache = DynamicCache()
+    cache.layers = [BufferedLayer()]
+    k, v = _states(6, 5, gen)
+    cache.layers[0].update(k, v)
+    mask = torch.ones((6, 5), dtype=torch.long)
+    order, _ = keep_rows(cache, mask, [1, 3, 4, 5])  # rows 0 and 2 leave
+    assert order == [4, 1, 5, 3]
+    layer = cache.layers[0]
+    assert layer.keys is not None and layer.values is not None
+    assert torch.equal(layer.keys, k[order])
+    assert torch.equal(layer.values, v[order])
+
+
 def test_joining_writes_new_rows_in_place_and_pads_both_sides():
     """A join equals left-padding both caches to one width and stacking them;
     while the buffer has spare rows it is not reallocated, so nothing already
