@@ -192,7 +192,8 @@ def load(
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     fused = norms.fuse_norms(model)
     if linear == "onednn":
-        # float32: merged before packing, from the dense layers
+        # merged before packing, from the dense layers: float32 MLPs, float32 and
+        # bfloat16 attention projections
         merged = onednn.merge_mlps(model)
         projections = onednn.merge_projections(model)
         packed = onednn.pack_linears(model)

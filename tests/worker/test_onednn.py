@@ -198,18 +198,35 @@ def test_merged_projections_give_each_layer_its_output_once_per_input():
     assert list(merged.children()) == [merged.product]  # the parts hold it, not own it
 
 
-def test_only_dense_float32_projections_alike_are_merged():
-    def attention(dtype=torch.float32, bias=(False, False, False), widths=(64, 64, 64)):
-        block = nn.Module()
-        for name, b, w in zip(onednn.PROJECTIONS, bias, widths, strict=True):
-            setattr(block, name, nn.Linear(w, 32, bias=b).to(dtype))
-        return block
+def _attention(dtype=torch.float32, bias=(False, False, False), widths=(64, 64, 64)):
+    block = nn.Module()
+    for name, b, w in zip(onednn.PROJECTIONS, bias, widths, strict=True):
+        setattr(block, name, nn.Linear(w, 32, bias=b).to(dtype))
+    return block
 
+
+def test_only_dense_projections_alike_are_merged():
     model = nn.ModuleList([
-        attention(), attention(torch.bfloat16), attention(bias=(True, False, False)),
-        attention(widths=(64, 64, 32)),
+        _attention(), _attention(torch.float16), _attention(bias=(True, False, False)),
+        _attention(widths=(64, 64, 32)),
     ])  # fmt: skip
     assert onednn.merge_projections(model, min_elements=0) == 1
     assert isinstance(model[0].qkv_proj, onednn.MergedProjections)
     assert [hasattr(m, "qkv_proj") for m in model] == [True, False, False, False]
-    assert onednn.merge_projections(nn.ModuleList([attention()]), min_elements=3 * 32 * 64 + 1) == 0
+    assert (
+        onednn.merge_projections(nn.ModuleList([_attention()]), min_elements=3 * 32 * 64 + 1) == 0
+    )
+
+
+@pytest.mark.skipif(not onednn.available(torch.bfloat16), reason="this CPU has no native bfloat16")
+def test_bfloat16_projections_are_merged_whatever_their_size_and_match_their_packed_products():
+    torch.manual_seed(0)
+    block = _attention(torch.bfloat16)
+    separate = [onednn.PackedLinear(getattr(block, n)) for n in onednn.PROJECTIONS]
+    holder = nn.ModuleList([block])
+    assert onednn.merge_projections(holder, min_elements=1 << 30) == 1
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for out, layer in zip(block.qkv_proj(x), separate, strict=True):
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out, layer(x), rtol=1.6e-2, atol=1e-2)
