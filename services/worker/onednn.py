@@ -266,10 +266,10 @@ class ProjectionPart(nn.Module):
 
 def merge_projections(model: nn.Module, min_elements: int = MIN_PACKED) -> int:
     """Give each attention layer whose query, key and value projections are
-    dense, of one input width and bias alike, and bfloat16 or (float32) at
-    least ``min_elements`` weights merged, a :class:`MergedProjections` as
-    ``qkv_proj`` (its three projections become its parts); the count merged. Run before
-    :func:`pack_linears`."""
+    dense, of one input width and bias alike, and either bfloat16 or float32
+    of at least ``min_elements`` weights together, a :class:`MergedProjections`
+    as ``qkv_proj`` (its three projections become its parts); the count
+    merged. Run before :func:`pack_linears`."""
     count = 0
     for module in list(model.modules()):  # listed first: this adds submodules
         layers: list[Any] = [getattr(module, n, None) for n in PROJECTIONS]
