@@ -6,10 +6,11 @@ bookkeeping (Python objects written in place). With torch 2.13 it also fails
 to lower SDPA at the worker's cache shapes ("Exponent must be non-negative").
 So both go into the graph as opaque operators, as vLLM does with its own
 attention and GEMM kernels: an :class:`Opaque` layer (a packed product or a
-fused MLP) is one operator that runs it eagerly, and :func:`attend` runs the pass's attention for a
-layer, which the caller hands over with :func:`attending`. Everything between
-them (embedding scale, norms, rotary, residuals, activations of merged MLPs)
-is what Inductor fuses into a few C++ loops.
+fused MLP) is one operator that runs it eagerly, and :func:`attend` runs the
+pass's attention for a layer, which the caller hands over with
+:func:`attending`. Everything between them (embedding scale, norms, rotary,
+residuals, activations of merged MLPs) is what Inductor fuses into a few C++
+loops.
 
 Only the rows (or packed tokens) vary between passes, so one graph with a
 symbolic length serves decode steps and packed passes alike, plus one for a
