@@ -20,7 +20,12 @@ had concatenated the two caches into a new tensor of exactly their size,
 which the next step's write then had to grow again: two copies of every
 layer's cache per join. Gemma 3 270M at 28 rows and about 115 positions
 (AMX Xeon, bf16): a join 6.6-7.5 -> 1.0-1.4 ms, and the decode step after it
-65-73 -> 54-58 ms (the rows' cache had to grow).
+65-73 -> 54-58 ms (the rows' cache had to grow). A packed prefill's buffers
+get the same headroom: allocated exactly full, they made the first decode step
+after it copy every layer's cache (Gemma 3 270M, 24 prompts: 36 buffers, 43 MB;
+that step's excess over the next ones, alternated in one process, 6.4 -> -1.2
+ms at the median in one run of eight rounds, 0.5 -> 1.1 ms in another: within
+the AVX-512 EPYC's noise, but one copy of the cache fewer per prefill).
 Other code may still assign whole tensors to ``layer.keys`` /
 ``layer.values``; the layer adopts them as its buffer.
 
@@ -48,10 +53,10 @@ class _Columns:
     """One layer's keys or values: a [capacity rows, heads, capacity, head_dim]
     buffer whose first ``rows`` rows hold positions [start, end)."""
 
-    def __init__(self, data: torch.Tensor) -> None:
+    def __init__(self, data: torch.Tensor, end: int | None = None) -> None:
         self.data = data
         self.rows = data.shape[0]
-        self.start, self.end = 0, data.shape[-2]
+        self.start, self.end = 0, data.shape[-2] if end is None else end
 
     def view(self, start: int | None = None) -> torch.Tensor:
         return self.data[: self.rows, :, self.start if start is None else start : self.end]
@@ -146,6 +151,11 @@ class BufferedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+        """Take ``keys`` and ``values`` as the buffers, their first ``filled``
+        positions held (the rest is room to grow)."""
+        self._k, self._v = _Columns(keys, filled), _Columns(values, filled)
 
     def keep_rows(self, holes: list[int], movers: list[int], rows: int, trim: int) -> None:
         """See :func:`bastion_worker.batching.keep_rows`."""
@@ -246,15 +256,18 @@ class PackedWriter:
         layer = self.cache.layers[layer_idx]
         assert isinstance(layer, BufferedLayer)
         layer.lazy_initialization(key_states, value_states)
-        layer.keys = self._scatter(key_states[:, :, self.skip :])
-        layer.values = self._scatter(value_states[:, :, self.skip :])
+        keys = self._scatter(key_states[:, :, self.skip :])
+        layer.adopt(keys, self._scatter(value_states[:, :, self.skip :]), self.width)
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = self.width  # the engine packs only within the window
         return key_states, value_states
 
     def _scatter(self, states: torch.Tensor) -> torch.Tensor:  # [1, kv_heads, T, head_dim]
+        """A buffer with the prompts in its first ``width`` columns, left-padded
+        with zeros, and room after them for the decode steps' positions."""
         heads, dim = states.shape[1], states.shape[-1]
-        padded = states.new_zeros((self.rows, heads, self.width, dim))
+        padded = states.new_empty((self.rows, heads, self.width + _headroom(self.width), dim))
+        padded[:, :, : self.width].zero_()
         padded[self._row, :, self._col] = states[0].transpose(0, 1)  # [T, kv_heads, head_dim]
         return padded
 

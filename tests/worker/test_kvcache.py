@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer, new_cache
+from bastion_worker.kvcache import (
+    BufferedLayer,
+    BufferedSlidingWindowLayer,
+    PackedWriter,
+    new_cache,
+)
 
 
 def _states(rows: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +72,10 @@ def test_assigned_tensors_are_adopted_and_grown_from():
     assert layer.get_seq_length() == 0 and layer.keys is None
 
 
-def test_new_cache_buffers_each_layer_type_of_a_hybrid_model():
+def _hybrid_config():  # type: ignore[no-untyped-def]
     from transformers import Gemma3TextConfig
 
-    config = Gemma3TextConfig(
+    return Gemma3TextConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -81,9 +86,38 @@ def test_new_cache_buffers_each_layer_type_of_a_hybrid_model():
         sliding_window=16,
         layer_types=["sliding_attention"] * 3 + ["full_attention"],
     )
-    cache = new_cache(config)
+
+
+def test_new_cache_buffers_each_layer_type_of_a_hybrid_model():
+    cache = new_cache(_hybrid_config())
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [BufferedSlidingWindowLayer] * 3 + [BufferedLayer]
+
+
+def test_a_packed_pass_leaves_each_prompt_left_padded_with_room_for_the_next_steps():
+    """The packed prefill's cache holds each prompt right-aligned after zeros,
+    and the decode steps after it write into the same buffers (no copy of the
+    whole cache on the first one, as when it was allocated exactly full)."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = [3, 5, 2]
+    writer = PackedWriter(_hybrid_config(), lengths, torch.device("cpu"))
+    packed_k, packed_v = torch.randn((2, 1, 1, 10, 16), generator=gen)  # [1, kv, T, head_dim]
+    for i in range(4):
+        writer.update(packed_k, packed_v, i)
+    starts = [0, 3, 8]
+    for layer in writer.cache.layers:
+        assert layer.keys is not None and layer.values is not None
+        assert layer.keys.shape == (3, 1, 5, 16)
+        for row, (start, n) in enumerate(zip(starts, lengths, strict=True)):
+            assert not layer.keys[row, :, : 5 - n].any()
+            assert torch.equal(layer.keys[row, :, 5 - n :], packed_k[0, :, start : start + n])
+            assert torch.equal(layer.values[row, :, 5 - n :], packed_v[0, :, start : start + n])
+        buffer = layer.keys.untyped_storage().data_ptr()
+        for _ in range(8):
+            k, v = torch.randn((2, 3, 1, 1, 16), generator=gen)
+            got_k, _ = layer.update(k, v)
+            assert torch.equal(got_k[:, :, -1:], k)
+        assert layer.keys.untyped_storage().data_ptr() == buffer
 
 
 def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding():
