@@ -256,8 +256,8 @@ class PackedWriter:
         layer = self.cache.layers[layer_idx]
         assert isinstance(layer, BufferedLayer)
         layer.lazy_initialization(key_states, value_states)
-        keys = self._scatter(key_states[:, :, self.skip :])
-        layer.adopt(keys, self._scatter(value_states[:, :, self.skip :]), self.width)
+        keys, values = (self._scatter(s[:, :, self.skip :]) for s in (key_states, value_states))
+        layer.adopt(keys, values, self.width)
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = self.width  # the engine packs only within the window
         return key_states, value_states
