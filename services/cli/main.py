@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import signal
 import sys
 import time
@@ -116,7 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell that starts the launcher in the background leaves
+    # SIGINT ignored, and Python then installs no handler of its own.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     tls = ensure_local_tls(data_dir / "tls")
     with _redis(settings.redis_url.get_secret_value(), data_dir) as redis_url:
         env = {
@@ -128,6 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "BASTION_TLS_KEY_FILE": str(tls.key),
             "BASTION_AUDITOR_PORT": str(args.auditor_port or AuditorSettings().auditor_port),
         }
+        if "BASTION_MODELS" not in os.environ:
+            # Until the worker has loaded it, the model is unavailable (503), not unknown (404).
+            served = os.environ.get("BASTION_MODEL_NAME") or Path(model_path).name
+            env["BASTION_MODELS"] = json.dumps([served])
         stack = Stack(env, ca_file=tls.ca_cert)
         try:
             stack.start()
