@@ -237,8 +237,8 @@ async def run_worker(
     settings: WorkerSettings, prompts: list[str], items: list[Item], concurrency: int
 ) -> Run:
     """(c): clients that queue requests on the worker's stream and read their
-    results through the gateway's own Redis side (one shared read for all result
-    streams), with nothing else in between."""
+    results through the gateway's own Redis side (one result stream, one shared
+    read), with nothing else in between."""
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     broker = Broker(redis, settings.keys)
     queue = list(zip(prompts, items, strict=True))
@@ -255,7 +255,7 @@ async def run_worker(
                     max_tokens=item.output_tokens, temperature=0.0, ignore_eos=True
                 ),
                 requester=Requester(subject="bench", tenant="bench", role="user"),
-                result_stream=settings.keys.results(rid), cancel_key=settings.keys.cancel(rid),
+                result_stream=broker.result_stream, cancel_key=settings.keys.cancel(rid),
                 enqueued_at=now, deadline=now + 3600,
             )  # fmt: skip
             trace = Trace(time.perf_counter())

@@ -14,10 +14,9 @@ AUDITOR_GROUP = "auditors"
 # A worker refreshes its registration this often, and it expires after the TTL.
 WORKER_HEARTBEAT_S = 2.0
 WORKER_TTL_S = 10
-# A result stream nobody reads any more disappears after this long.
+# A result stream nobody reads any more disappears after this long, and so
+# does the mark that a request's answer has begun.
 RESULT_TTL_S = 120
-# A gateway's wake stream (one entry) outlives a gateway that died this long.
-WAKE_TTL_S = 3600
 # A cancel mark lives this long; the worker checks it between decode steps.
 CANCEL_TTL_S = 300
 
@@ -30,14 +29,16 @@ class Keys:
         """Stream of generation requests for one model, read by the worker group."""
         return f"{self.prefix}:req:{model}"
 
-    def results(self, request_id: str) -> str:
-        """Per-request stream of tokens, ending with exactly one final record."""
-        return f"{self.prefix}:res:{request_id}"
+    def results(self, reader_id: str) -> str:
+        """One gateway's stream of results for every request it waits on: an
+        entry holds one record per request (the field is the request's id); a
+        request's records come in order and end with exactly one final record."""
+        return f"{self.prefix}:res:{reader_id}"
 
-    def wake(self, reader_id: str) -> str:
-        """A gateway's own stream, written to end its blocking read of result
-        streams when a new one joins it."""
-        return f"{self.prefix}:wake:{reader_id}"
+    def answered(self, request_id: str) -> str:
+        """Set while a worker sends a request's answer, so that a worker taking
+        the request over from one that stopped does not answer it again."""
+        return f"{self.prefix}:answered:{request_id}"
 
     def cancel(self, request_id: str) -> str:
         """Set when the client went away; the worker stops that sequence."""

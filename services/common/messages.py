@@ -78,15 +78,17 @@ class GenerationRequest(Message):
     # Higher goes first; waiting raises it over time so nothing starves.
     priority: int = 0
     requester: Requester
-    result_stream: str
+    result_stream: str  # the gateway's (Keys.results), shared by its requests
     cancel_key: str
     enqueued_at: float
     deadline: float
 
 
 class ResultRecord(Message):
-    """One record on a request's result stream. ``token`` records carry text in
-    order; exactly one ``done`` or ``error`` record ends the stream."""
+    """One record of a request's answer on its gateway's result stream, under
+    the request's id (:meth:`entry`). ``token`` records carry text in order;
+    exactly one ``done`` or ``error`` record ends the answer (a ``done`` may
+    carry the last text)."""
 
     kind: Literal["token", "done", "error"]
     text: str = ""
@@ -100,6 +102,10 @@ class ResultRecord(Message):
     @property
     def final(self) -> bool:
         return self.kind != "token"
+
+    def entry(self, request_id: str) -> dict[Any, Any]:
+        """A result stream entry holding this record alone."""
+        return {request_id: self.model_dump_json()}
 
 
 class AuditEvent(Message):

@@ -4,6 +4,7 @@ request, reading its result stream, cancelling, and emitting audit events."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +31,9 @@ class Broker:
         self.keys = keys
         self._live: frozenset[str] = frozenset()
         self._live_at = 0.0
-        self._reader = _ResultReader(redis, keys.wake(uuid.uuid4().hex))
+        # Where workers write the results of this gateway's requests.
+        self.result_stream = keys.results(uuid.uuid4().hex)
+        self._reader = _ResultReader(redis, self.result_stream)
 
     async def live_models(self) -> frozenset[str]:
         """Models with at least one registered worker (cached for a second)."""
@@ -44,16 +47,13 @@ class Broker:
         return self._live
 
     async def enqueue(self, request: GenerationRequest) -> str:
-        """Queue the request and start watching its result stream."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._reader.watch(request.result_stream, pipe)
-        pipe.xadd(self.keys.requests(request.model), request.dump())
+        """Start watching for the request's results and queue it."""
+        self._reader.watch(request.id)
         try:
-            replies = await pipe.execute()
+            return str(await self.redis.xadd(self.keys.requests(request.model), request.dump()))
         except BaseException:
-            self._reader.unwatch(request.result_stream)
+            self._reader.unwatch(request.id)
             raise
-        return str(replies[-1])
 
     async def results(self, request: GenerationRequest) -> AsyncIterator[ResultRecord]:
         """The request's records in order, through the final one; raises on the deadline.
@@ -62,7 +62,7 @@ class Broker:
         (and into a final ``done`` right behind them), so a reader that fell behind
         catches up with one pass through the output filter instead of one per token.
         """
-        box = self._reader.mailbox(request.result_stream)
+        box = self._reader.mailbox(request.id)
         while True:
             remaining = request.deadline - time.time()
             if remaining <= 0 or not await _wait(box.ready, remaining):
@@ -75,15 +75,16 @@ class Broker:
                 ) from box.error
             arrived, box.entries = box.entries, []
             pending: list[str] = []
-            for fields in arrived:
-                record = ResultRecord.load(fields)
+            for payload in arrived:
+                record = ResultRecord.model_validate_json(payload)
                 if record.kind == "token":
                     pending.append(record.text)
                     continue
-                if record.kind == "done" and pending:
-                    record = record.model_copy(update={"text": "".join(pending) + record.text})
-                elif pending:
-                    yield ResultRecord(kind="token", text="".join(pending))
+                if pending:
+                    if record.kind == "done":
+                        record = record.model_copy(update={"text": "".join(pending) + record.text})
+                    else:
+                        yield ResultRecord(kind="token", text="".join(pending))
                 yield record
                 return  # every record other than a token is final
             if pending:
@@ -93,14 +94,11 @@ class Broker:
         await self.redis.set(request.cancel_key, "1", ex=K.CANCEL_TTL_S)
 
     async def forget(self, request: GenerationRequest, entry_id: str | None) -> None:
-        """Remove a finished request's queue entry and result stream. A cancel mark
-        stays until it expires: the worker may not have seen it yet."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Stop watching a finished request and remove its queue entry. A cancel
+        mark stays until it expires: the worker may not have seen it yet."""
+        self._reader.unwatch(request.id)
         if entry_id is not None:
-            pipe.xdel(self.keys.requests(request.model), entry_id)
-        pipe.delete(request.result_stream)
-        self._reader.unwatch(request.result_stream)
-        await pipe.execute()
+            await self.redis.xdel(self.keys.requests(request.model), entry_id)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -119,81 +117,93 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
 
 @dataclass(eq=False)
 class _Mailbox:
-    """What the shared read found on one result stream, until its reader takes it."""
+    """What the shared read found for one request, until its reader takes it."""
 
-    last: str = "0-0"
-    entries: list[dict[str, str]] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)  # records, as JSON
     error: BaseException | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _ResultReader:
-    """One blocking XREAD over every result stream this gateway waits on.
+    """One blocking XREAD of this gateway's result stream, for every request
+    it waits on.
 
-    Under load the worker writes a token to every stream in the same step, and
-    one read brings them all back, where a read per response would cost a round
-    trip per token. A stream that joins while the read blocks would wait for it
-    to time out, so joining also adds an entry to this gateway's own wake stream,
-    which the read includes: either the entry is there before the read starts
-    (which then returns at once) or it ends the read.
+    Under load a worker answers every running request in the same step, and
+    writes what it has for this gateway's requests as one entry (a field per
+    request): one read brings a step's tokens for all of them back, where a
+    stream per response cost a command per token in the worker and a key per
+    response in each read. A request that joins while the read blocks needs
+    no wake-up: its records come on the same stream and end the read. What
+    was read is trimmed from the stream with the next read, or before the
+    reader goes idle, so no answer's text is left in Redis.
     """
 
-    def __init__(self, redis: aioredis.Redis, wake_key: str) -> None:
+    def __init__(self, redis: aioredis.Redis, stream: str) -> None:
         self._redis = redis
-        self._wake_key = wake_key
-        self._wake_last = "0-0"
+        self._stream = stream
+        self._last = "0-0"  # the last entry read
+        self._trimmed = "0-0"  # and the last one trimmed away
         self._boxes: dict[str, _Mailbox] = {}
-        self._reading = False  # from choosing the streams until the read returns
+        self._reading = False  # from sending the read until it returns
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def watch(self, stream: str, pipe: Pipeline) -> None:
-        """Read ``stream`` from now on; ``pipe`` gets the wake entry if one is needed."""
-        self._boxes[stream] = _Mailbox()
-        if self._reading:
-            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
-            pipe.expire(self._wake_key, K.WAKE_TTL_S)
+    def watch(self, request_id: str) -> None:
+        self._boxes[request_id] = _Mailbox()
         self._wanted.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
 
-    def unwatch(self, stream: str) -> None:
-        self._boxes.pop(stream, None)
+    def unwatch(self, request_id: str) -> None:
+        self._boxes.pop(request_id, None)
 
-    def mailbox(self, stream: str) -> _Mailbox:
-        return self._boxes[stream]
+    def mailbox(self, request_id: str) -> _Mailbox:
+        return self._boxes[request_id]
+
+    def _trim(self, pipe: Pipeline) -> None:
+        """Queue the removal of every entry read so far (IDs below the last one's successor)."""
+        if self._trimmed != self._last:
+            ms, seq = self._last.split("-")
+            pipe.xtrim(self._stream, minid=f"{ms}-{int(seq) + 1}", approximate=False)
 
     async def _run(self) -> None:
         while True:
             if not self._boxes:
+                if self._trimmed != self._last:
+                    with contextlib.suppress(RedisError, OSError):  # retried with the next read
+                        pipe = self._redis.pipeline(transaction=False)
+                        self._trim(pipe)
+                        await pipe.execute()
+                        self._trimmed = self._last
                 self._wanted.clear()
                 await self._wanted.wait()
                 continue
+            waiting = list(self._boxes.values())
+            pipe = self._redis.pipeline(transaction=False)
+            self._trim(pipe)
+            pipe.xread({self._stream: self._last}, block=READ_BLOCK_MAX_MS)
             self._reading = True
-            streams: dict[Any, Any] = {s: box.last for s, box in self._boxes.items()}
-            streams[self._wake_key] = self._wake_last
             try:
-                reply: Any = await self._redis.xread(streams, block=READ_BLOCK_MAX_MS)
+                replies: list[Any] = await pipe.execute()
             except (RedisError, OSError) as exc:
-                for stream in streams:  # the streams of this read, not ones that joined since
-                    if (failed := self._boxes.get(stream)) is not None:
-                        failed.error = exc
-                        failed.ready.set()
+                for box in waiting:  # those of this read, not ones that joined since
+                    box.error = exc
+                    box.ready.set()
                 await asyncio.sleep(READ_RETRY_S)  # Redis is away: retry, not spin
                 continue
             finally:
                 self._reading = False
-            for stream, entries in reply or ():
-                if stream == self._wake_key:
-                    self._wake_last = entries[-1][0]
-                    continue
-                found = self._boxes.get(stream)
-                if found is None:  # forgotten while the read was out
-                    continue
-                found.last = entries[-1][0]
-                found.entries.extend(fields for _, fields in entries)
-                found.ready.set()
+            if len(replies) > 1:
+                self._trimmed = self._last
+            for _, entries in replies[-1] or ():
+                for _, fields in entries:
+                    for request_id, payload in fields.items():
+                        found = self._boxes.get(request_id)
+                        if found is not None:  # else forgotten while the read was out
+                            found.entries.append(payload)
+                            found.ready.set()
+                self._last = entries[-1][0]
 
     async def close(self) -> None:
         await cancel(self._task)
-        await self._redis.delete(self._wake_key)
+        await self._redis.delete(self._stream)

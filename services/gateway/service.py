@@ -185,7 +185,7 @@ class InferenceService:
             requester=Requester(
                 subject=principal.subject, tenant=principal.tenant, role=principal.role
             ),
-            result_stream=self.broker.keys.results(request_id),
+            result_stream=self.broker.result_stream,
             cancel_key=self.broker.keys.cancel(request_id),
             enqueued_at=now,
             deadline=now + self.settings.request_timeout_s,

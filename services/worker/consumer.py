@@ -6,10 +6,11 @@ thread so the event loop stays responsive.
 Each iteration: let the scheduler pick which waiting requests join now
 (prefilled in the next decode step's own pass where the engine can, else on
 their own and joined), then start the batch's next step and, while it runs,
-in one Redis round trip: publish every sequence's new text, acknowledge
-the requests that ended, read only as many new requests as there are free
-slots (the rest stay in the stream for other workers) and, every 50 ms, the
-running requests' cancel marks. After a long step, what arrived during it is
+in one Redis round trip: publish every sequence's new text (one entry per
+gateway, holding its requests' records), acknowledge the requests that
+ended, read only as many new requests as there are free slots (the rest
+stay in the stream for other workers) and, every 50 ms, the running
+requests' cancel marks. After a long step, what arrived during it is
 read before the next starts. Only an idle worker blocks on the stream;
 woken, it reads on until the stream is quiet for a moment, so that a burst
 is prefilled together.
@@ -74,7 +75,8 @@ class Ticket:
     entry_id: str
     seq: Sequence
     arrived: float
-    ttl_set: float = 0.0  # when the result stream's expiry was last pushed back
+    # When the result stream's expiry and the answered mark were last pushed back.
+    ttl_set: float = 0.0
 
 
 class Consumer:
@@ -207,7 +209,7 @@ class Consumer:
                 request = await self._parse(entry_id, fields)
                 if request is None:
                     continue
-                if await self.redis.exists(request.result_stream):
+                if await self.redis.exists(self.keys.answered(request.id)):
                     lost = InternalError(
                         "The worker serving this request stopped before it finished.",
                         code="worker_lost",
@@ -399,35 +401,51 @@ class Consumer:
         return live, len(pipe) - 1
 
     def _collect(self) -> tuple[aioredis.client.Pipeline, list[Ticket]]:
-        """Queue every running sequence's new text, and the final record of those that
-        ended (which then count as published), on a pipeline not yet sent."""
+        """Queue every running sequence's new text, or its final record if it
+        ended (then it counts as published), on a pipeline not yet sent: one
+        entry per gateway result stream, a field per request."""
         assert self.batch is not None
         pipe = self.redis.pipeline(transaction=False)
         ended: list[Ticket] = []
+        entries: dict[str, dict[str, str]] = {}
         now = time.monotonic()
         for seq in self.batch.seqs:
             if seq.published:
                 continue
             ticket = self.running[seq.request_id]
             text = self.engine.take_text(seq)
-            if text:
-                stream = ticket.request.result_stream
-                pipe.xadd(stream, ResultRecord(kind="token", text=text).dump())
-                if now - ticket.ttl_set > K.RESULT_TTL_S / 4:  # not on every token
-                    pipe.expire(stream, K.RESULT_TTL_S)
-                    ticket.ttl_set = now
             if seq.finished:
-                done = ResultRecord(
+                record = ResultRecord(
                     kind="done",
+                    text=text,
                     finish_reason=seq.finish_reason,  # type: ignore[arg-type]
                     prompt_tokens=len(seq.prompt_ids),
                     completion_tokens=len(seq.output_ids),
                 )
-                _add(pipe, ticket.request, done)
-                _ack(pipe, self.stream, ticket.entry_id)  # after its final record
+            elif text:
+                record = ResultRecord(kind="token", text=text)
+            else:
+                continue
+            request = ticket.request
+            entries.setdefault(request.result_stream, {})[request.id] = record.model_dump_json()
+            if seq.finished:
                 seq.published = True
                 ended.append(ticket)
+            elif now - ticket.ttl_set > K.RESULT_TTL_S / 4:  # not on every token
+                self._answering(pipe, ticket)
+                ticket.ttl_set = now
+        for stream, fields in entries.items():
+            pipe.xadd(stream, fields)
+        for ticket in ended:  # after its final record
+            _ack(pipe, self.stream, ticket.entry_id)
+            if ticket.ttl_set:
+                pipe.delete(self.keys.answered(ticket.request.id))
         return pipe, ended
+
+    def _answering(self, pipe: aioredis.client.Pipeline, ticket: Ticket) -> None:
+        """Keep the result stream, and the mark that the answer has begun, alive."""
+        pipe.expire(ticket.request.result_stream, K.RESULT_TTL_S)
+        pipe.set(self.keys.answered(ticket.request.id), "1", ex=K.RESULT_TTL_S)
 
     async def _send(
         self,
@@ -461,6 +479,8 @@ class Consumer:
                 )
             self.running.pop(ticket.request.id, None)
             await self._done(ticket.entry_id)
+            if ticket.ttl_set:
+                await self.redis.delete(self.keys.answered(ticket.request.id))
 
     async def _publish(self, req: GenerationRequest, record: ResultRecord) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -474,7 +494,7 @@ class Consumer:
 
 
 def _add(pipe: aioredis.client.Pipeline, req: GenerationRequest, record: ResultRecord) -> None:
-    pipe.xadd(req.result_stream, record.dump())
+    pipe.xadd(req.result_stream, record.entry(req.id))
     pipe.expire(req.result_stream, K.RESULT_TTL_S)
 
 

@@ -1,4 +1,4 @@
-"""The gateway's reading of result streams, on the real Redis."""
+"""The gateway's reading of its result stream, on the real Redis."""
 
 import asyncio
 import time
@@ -10,14 +10,15 @@ from bastion_common.errors import ServiceUnavailableError
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord
 from bastion_gateway import broker as broker_module
 from bastion_gateway.broker import Broker
+from tests.polling import eventually
 
 
-def _request(keys: K.Keys, rid: str = "r1") -> GenerationRequest:
+def _request(broker: Broker, rid: str = "r1") -> GenerationRequest:
     now = time.time()
     return GenerationRequest(
         id=rid, model="m", prompt="hi",
         requester=Requester(subject="s", tenant="t", role="user"),
-        result_stream=keys.results(rid), cancel_key=keys.cancel(rid),
+        result_stream=broker.result_stream, cancel_key=broker.keys.cancel(rid),
         enqueued_at=now, deadline=now + 30,
     )  # fmt: skip
 
@@ -37,12 +38,12 @@ async def _put(aredis, request, *records):
     """Write ``records`` in one transaction: a read sees all of them or none."""
     pipe = aredis.pipeline(transaction=True)
     for record in records:
-        pipe.xadd(request.result_stream, record.dump())
+        pipe.xadd(request.result_stream, record.entry(request.id))
     await pipe.execute()
 
 
 async def test_tokens_that_arrived_together_come_out_as_one_record(aredis, broker):
-    request = _request(broker.keys)
+    request = _request(broker)
     await broker.enqueue(request)
     tokens = [ResultRecord(kind="token", text=t) for t in ("He", "llo", ", wor")]
     done = ResultRecord(kind="done", text="ld", finish_reason="stop", completion_tokens=4)
@@ -53,7 +54,7 @@ async def test_tokens_that_arrived_together_come_out_as_one_record(aredis, broke
 
 
 async def test_tokens_before_an_error_are_not_lost(aredis, broker):
-    request = _request(broker.keys)
+    request = _request(broker)
     await broker.enqueue(request)
     failed = ResultRecord(kind="error", error_type="InternalError", error_message="x")
     await _put(aredis, request, ResultRecord(kind="token", text="a"),
@@ -62,13 +63,13 @@ async def test_tokens_before_an_error_are_not_lost(aredis, broker):
     assert [(r.kind, r.text) for r in records] == [("token", "ab"), ("error", "")]
 
 
-async def test_a_stream_that_joins_during_a_blocking_read_is_read_at_once(
+async def test_a_request_that_joins_during_a_blocking_read_is_answered_at_once(
     aredis, broker, monkeypatch
 ):
     # With a read that blocks for a minute, the second request's records would
-    # wait for it to time out unless joining ends the read.
+    # wait for it to time out unless they end the read.
     monkeypatch.setattr(broker_module, "READ_BLOCK_MAX_MS", 60_000)
-    first, second = _request(broker.keys, "r1"), _request(broker.keys, "r2")
+    first, second = _request(broker, "r1"), _request(broker, "r2")
     await broker.enqueue(first)
     reading = asyncio.create_task(_read(broker, first))
     deadline = time.monotonic() + 10
@@ -84,46 +85,66 @@ async def test_a_stream_that_joins_during_a_blocking_read_is_read_at_once(
     assert [(r.kind, r.text) for r in await asyncio.wait_for(reading, 5)] == [("done", "y")]
 
 
-async def test_many_streams_each_get_their_own_records(aredis, broker):
-    requests = [_request(broker.keys, f"r{i}") for i in range(20)]
+async def test_many_requests_each_get_their_own_records(aredis, broker):
+    requests = [_request(broker, f"r{i}") for i in range(20)]
     for request in requests:
         await broker.enqueue(request)
     readers = [asyncio.create_task(_read(broker, r)) for r in requests]
-    for step in range(3):
-        for i, request in enumerate(requests):
-            await _put(aredis, request, ResultRecord(kind="token", text=f"{i}.{step} "))
-    for request in requests:
-        await _put(aredis, request, ResultRecord(kind="done", text="", finish_reason="length"))
+
+    async def step(records):  # one entry for all requests, as a worker writes a step
+        fields = {}
+        for request, record in zip(requests, records, strict=True):
+            fields.update(record.entry(request.id))
+        await aredis.xadd(broker.result_stream, fields)
+
+    for n in range(3):
+        await step([ResultRecord(kind="token", text=f"{i}.{n} ") for i in range(20)])
+    await step([ResultRecord(kind="done", text="", finish_reason="length")] * 20)
     for i, reader in enumerate(readers):
         records = await asyncio.wait_for(reader, 10)
         assert "".join(r.text for r in records) == f"{i}.0 {i}.1 {i}.2 "
         assert records[-1].kind == "done"
 
 
-async def test_a_forgotten_stream_is_no_longer_read(aredis, broker):
-    request = _request(broker.keys)
+async def test_what_was_read_is_trimmed_away(aredis, broker):
+    request = _request(broker)
+    entry_id = await broker.enqueue(request)
+    await _put(aredis, request, ResultRecord(kind="token", text="secret "))
+    await _put(aredis, request, ResultRecord(kind="done", text="text", finish_reason="stop"))
+    assert "".join(r.text for r in await _read(broker, request)) == "secret text"
+    await broker.forget(request, entry_id)
+
+    async def trimmed():
+        return await aredis.xlen(broker.result_stream) == 0
+
+    await eventually(trimmed)
+
+
+async def test_a_forgotten_request_is_no_longer_read(aredis, broker):
+    request = _request(broker)
     entry_id = await broker.enqueue(request)
     await broker.forget(request, entry_id)
-    assert request.result_stream not in broker._reader._boxes
-    assert not await aredis.exists(request.result_stream)
+    assert request.id not in broker._reader._boxes
+    assert await aredis.xlen(broker.keys.requests(request.model)) == 0  # its queue entry
 
 
 async def test_the_deadline_ends_a_wait_with_a_timeout(broker):
-    request = _request(broker.keys).model_copy(update={"deadline": time.time() + 0.3})
+    request = _request(broker).model_copy(update={"deadline": time.time() + 0.3})
     await broker.enqueue(request)
     with pytest.raises(Exception, match="time limit"):
         await _read(broker, request)
 
 
 async def test_a_failed_read_stops_its_waiters_with_a_503_and_reading_recovers(aredis, broker):
-    # A result key that is not a stream makes Redis refuse the whole shared read.
-    broken, later = _request(broker.keys, "r1"), _request(broker.keys, "r2")
+    # A result key that is not a stream makes Redis refuse the shared read.
+    broken, later = _request(broker, "r1"), _request(broker, "r2")
+    await aredis.set(broker.result_stream, "not a stream")
     entry_id = await broker.enqueue(broken)
-    await aredis.set(broken.result_stream, "not a stream")
     with pytest.raises(ServiceUnavailableError) as failure:
         await asyncio.wait_for(_read(broker, broken), 5)
     assert failure.value.code == "queue_unavailable"
     await broker.forget(broken, entry_id)
+    await aredis.delete(broker.result_stream)
     await broker.enqueue(later)
     await _put(aredis, later, ResultRecord(kind="done", text="ok", finish_reason="stop"))
     assert [r.text for r in await asyncio.wait_for(_read(broker, later), 5)] == ["ok"]

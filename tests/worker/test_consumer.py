@@ -57,7 +57,9 @@ async def _results(aredis, req, timeout_s=30.0):
         for _, entries in reply or ():
             for entry_id, fields in entries:
                 last = entry_id
-                records.append(ResultRecord.load(fields))
+                if req.id not in fields:  # another request's, on a shared stream
+                    continue
+                records.append(ResultRecord.model_validate_json(fields[req.id]))
                 if records[-1].final:
                     return records
     raise AssertionError(f"no final record within {timeout_s}s: {records}")
@@ -81,6 +83,26 @@ async def test_requests_are_served_in_one_batch_and_removed(worker, aredis):
     await eventually(drained)
     pending = await aredis.xpending(stream, K.WORKER_GROUP)
     assert pending["pending"] == 0
+    assert [k async for k in aredis.scan_iter(match=worker.keys.answered("*"))] == []
+
+
+async def test_one_gateways_requests_share_an_entry_a_step(worker, aredis):
+    shared = worker.keys.results("gateway-1")
+    reqs = [
+        _request(worker, p, max_tokens=5, temperature=0.0, ignore_eos=True).model_copy(
+            update={"result_stream": shared}
+        )
+        for p in ("Hello", "abc")
+    ]
+    pipe = aredis.pipeline(transaction=True)  # queued together: prefilled together
+    for req in reqs:
+        pipe.xadd(worker.keys.requests(worker.served_name), req.dump())
+    await pipe.execute()
+    answers = [await _results(aredis, req) for req in reqs]
+    assert [a[-1].completion_tokens for a in answers] == [5, 5]
+    entries = await aredis.xrange(shared)
+    assert len(entries) <= 5  # one a step, not one a token
+    assert sum(len(fields) for _, fields in entries) == sum(len(a) for a in answers)
 
 
 def _recording_prefills(tiny_lm):
@@ -290,7 +312,10 @@ async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, ar
     await aredis.xadd(stream, short.dump())
     records = await _results(aredis, short)
     assert records[-1].kind == "done" and records[-1].completion_tokens == 3
-    so_far = [ResultRecord.load(f) for _, f in await aredis.xrange(long.result_stream)]
+    so_far = [
+        ResultRecord.model_validate_json(f[long.id])
+        for _, f in await aredis.xrange(long.result_stream)
+    ]
     assert not any(r.final for r in so_far), "the long request should still be running"
     assert (await _results(aredis, long))[-1].completion_tokens == 600
 
@@ -420,7 +445,10 @@ async def test_a_stopped_workers_half_sent_answer_ends_with_an_error(
 ):
     req = _request(orphan_settings, max_tokens=50, temperature=0.0)
     stream = await _taken_by(aredis, orphan_settings, "gone", req)
-    await aredis.xadd(req.result_stream, ResultRecord(kind="token", text="Hal").dump())
+    pipe = aredis.pipeline(transaction=True)  # as the stopped worker began its answer
+    pipe.xadd(req.result_stream, ResultRecord(kind="token", text="Hal").entry(req.id))
+    pipe.set(orphan_settings.keys.answered(req.id), "1", ex=K.RESULT_TTL_S)
+    await pipe.execute()
     async with _running(tiny_lm, orphan_settings, aredis):
         records = await _results(aredis, req)
     assert [r.kind for r in records] == ["token", "error"]  # not a second answer after "Hal"
