@@ -471,7 +471,7 @@ def _failed(exc: BaseException) -> str:
 @contextlib.contextmanager
 def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
     """The four services as processes, serving ``path`` as "bench-model"; yields
-    the gateway's URL, a token, and the torch thread count the worker picked.
+    the gateway's URL, a token, and what the worker picked at start-up.
     The worker's log is kept as ``platform-worker-<model>.log`` in the results."""
     import shutil
     import tempfile
@@ -497,7 +497,9 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
         try:
             stack.wait_ready(300)
             token = mint(secret, subject="bench", role="admin", tenant="bench", issuer="bastion")
-            yield stack.gateway_url, token, _picked_threads(Path(data) / "logs" / "worker.log")
+            log = Path(data) / "logs" / "worker.log"
+            picked = f"{_picked_threads(log)} torch threads at start-up and {_compiled(log)}"
+            yield stack.gateway_url, token, picked
         finally:
             stack.stop()
             worker_log = Path(data) / "logs" / "worker.log"
@@ -509,6 +511,14 @@ def _picked_threads(log: Path) -> str:
     """The torch thread count a worker's log says it picked."""
     found = re.search(r"torch threads: (\d+)", log.read_text(errors="replace"))
     return found.group(1) if found else "an unlogged number of"
+
+
+def _compiled(log: Path) -> str:
+    """Whether a worker's log says it compiled its forward (BASTION_COMPILE)."""
+    found = re.search(r"compile=(True|False)", log.read_text(errors="replace"))
+    if found is None:
+        return "did not log whether it compiled its forward"
+    return "compiled its forward" if found.group(1) == "True" else "ran its forward eager"
 
 
 def bench_model(
@@ -547,13 +557,14 @@ def bench_model(
     settled: dict[str, float] = {}
     with contextlib.ExitStack() as servers:
         settings = servers.enter_context(worker_process(path, redis_url, max(CONCURRENCY)))
+        worker_log = RESULTS / f"worker-{path.name}.log"
         notes.append(
-            f"(c) the worker picked {_picked_threads(RESULTS / f'worker-{path.name}.log')} torch "
-            f"threads at start-up (bench/results/worker-{path.name}.log)."
+            f"(c) the worker picked {_picked_threads(worker_log)} torch threads at start-up "
+            f"and {_compiled(worker_log)} (bench/results/worker-{path.name}.log)."
         )
         url, token, picked = servers.enter_context(platform(path, redis_url, max(CONCURRENCY)))
         notes.append(
-            f"(d) the platform's worker picked {picked} torch threads at start-up "
+            f"(d) the platform's worker picked {picked} "
             f"(bench/results/platform-worker-{path.name}.log)."
         )
         auth = {"Authorization": f"Bearer {token}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,13 +46,16 @@ async def serve(settings: WorkerSettings) -> None:
     except RuntimeError as exc:  # an option this machine cannot run: say so and stop
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
-    if settings.compile:
+    if lm.compiled:
         try:
             await asyncio.to_thread(engine.warm_up)
-        except Exception as exc:  # whatever the compiler raised: say it and stop
+        except Exception as exc:  # whatever the compiler raised: say it
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            log.error("cannot start: torch.compile failed on this model: %s", reason)
-            raise SystemExit(2) from None
+            if settings.compile != "auto":  # asked for: stop
+                log.error("cannot start: torch.compile failed on this model: %s", reason)
+                raise SystemExit(2) from None
+            log.warning("torch.compile failed on this model, serving uncompiled: %s", reason)
+            engine = Engine(dataclasses.replace(lm, compiled=False))
     if not settings.torch_threads and lm.device.type == "cpu":
         await asyncio.to_thread(threads.choose, engine, settings.max_batch_size)
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)

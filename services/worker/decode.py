@@ -198,17 +198,18 @@ class Decoder:
         return logits
 
 
-def for_model(model: Any) -> Decoder | None:
-    """A :class:`Decoder` for ``model`` where its architecture is one written out
-    here and runs plain causal SDPA attention; else None (transformers' forward,
-    FlashAttention-2 included)."""
+def supports(model: Any) -> bool:
+    """Whether ``model``'s architecture is one written out here and runs plain
+    causal SDPA attention (not FlashAttention-2, eager or soft-capped logits)."""
     config = model.config
     if config._attn_implementation not in ("sdpa", attention.NAME):
-        return None
+        return False
     if type(model) is Gemma3ForCausalLM:
-        plain = config.attn_logit_softcapping is None and not config.use_bidirectional_attention
-    elif type(model) is LlamaForCausalLM:
-        plain = True
-    else:
-        return None
-    return Decoder(model) if plain else None
+        return config.attn_logit_softcapping is None and not config.use_bidirectional_attention
+    return type(model) is LlamaForCausalLM
+
+
+def for_model(model: Any) -> Decoder | None:
+    """A :class:`Decoder` for ``model`` where :func:`supports` says so; else None
+    (transformers' forward)."""
+    return Decoder(model) if supports(model) else None

@@ -27,7 +27,10 @@ class WorkerSettings(CommonSettings):
     # CPU linear layers: auto packs fp32 weights (and bf16 ones on CPUs with native
     # bf16) for oneDNN once at load (faster matmuls); dense keeps torch's nn.Linear.
     linear: Literal["auto", "dense", "onednn"] = "auto"
-    compile: bool = False  # torch.compile the forward pass once at start-up
+    # torch.compile the written-out forward once at start-up. auto: on for a
+    # bfloat16 model on the CPU that the written-out forward runs (Gemma 3 and
+    # Llama families with SDPA), where it measured faster; off elsewhere.
+    compile: Literal["auto"] | bool = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
     # Prompt tokens prefilled in one step while others decode (a longer prompt
     # still runs when the batch is empty).

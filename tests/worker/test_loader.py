@@ -59,3 +59,34 @@ def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_has_it(tiny_model_p
     assert pick_dtype("auto", cpu, torch.bfloat16) == native
     assert pick_dtype("auto", torch.device("cuda"), torch.float32) == torch.bfloat16
     assert pick_dtype("float32", cpu, torch.bfloat16) == torch.float32
+
+
+def test_compile_auto_is_on_only_for_packed_bfloat16_on_the_cpu(tiny_lm):
+    from bastion_worker.loader import pick_compile
+
+    model, cpu = tiny_lm.model, torch.device("cpu")
+    packed = "onednn (4 layers packed)"
+    assert tiny_lm.compiled is False  # the tiny model loads in float32
+    assert pick_compile("auto", model, cpu, torch.bfloat16, packed)
+    assert not pick_compile("auto", model, cpu, torch.float32, packed)
+    assert not pick_compile("auto", model, cpu, torch.bfloat16, "dense")
+    assert not pick_compile("auto", model, torch.device("cuda"), torch.bfloat16, packed)
+    assert pick_compile(True, model, cpu, torch.float32, "dense")  # asked for: kept
+    assert not pick_compile(False, model, cpu, torch.bfloat16, packed)
+
+
+def test_compile_auto_leaves_a_model_without_the_written_out_forward_alone(tiny_model_path):
+    from bastion_worker.loader import pick_compile
+
+    lm = load(tiny_model_path, "cpu", "float32", attention="eager")
+    assert not pick_compile("auto", lm.model, torch.device("cpu"), torch.bfloat16, "onednn")
+
+
+@pytest.mark.parametrize(
+    ("value", "want"), [("auto", "auto"), ("true", True), ("1", True), ("false", False)]
+)
+def test_the_compile_setting_reads_auto_or_a_boolean(monkeypatch, tmp_path, value, want):
+    from bastion_worker.settings import WorkerSettings
+
+    monkeypatch.setenv("BASTION_COMPILE", value)
+    assert WorkerSettings(model_path=tmp_path).compile == want
