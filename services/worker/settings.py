@@ -28,8 +28,9 @@ class WorkerSettings(CommonSettings):
     # bf16) for oneDNN once at load (faster matmuls); dense keeps torch's nn.Linear.
     linear: Literal["auto", "dense", "onednn"] = "auto"
     # torch.compile the written-out forward once at start-up. auto: on for a
-    # bfloat16 model on the CPU that the written-out forward runs (Gemma 3 and
-    # Llama families with SDPA), where it measured faster; off elsewhere.
+    # bfloat16 model with packed layers on the CPU that the written-out forward
+    # runs (Gemma 3 and Llama families with SDPA), where it measured faster;
+    # off elsewhere.
     compile: Literal["auto"] | bool = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
     # Prompt tokens prefilled in one step while others decode (a longer prompt
