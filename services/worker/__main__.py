@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +20,27 @@ from bastion_worker.engine import Engine
 from bastion_worker.loader import load
 from bastion_worker.settings import WorkerSettings
 
+log = logging.getLogger("bastion.worker")
+
+
+def warmed(engine: Engine, choice: str | bool) -> Engine:
+    """``engine`` after the warm-up that compiles it. Where the compiler fails,
+    an explicit ``BASTION_COMPILE=true`` stops the worker with the reason; under
+    ``auto`` it says so and serves with an uncompiled engine."""
+    try:
+        engine.warm_up()
+    except Exception as exc:  # whatever the compiler raised: say it
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if choice != "auto":
+            log.error("cannot start: torch.compile failed on this model: %s", reason)
+            raise SystemExit(2) from None
+        log.warning("torch.compile failed on this model, serving uncompiled: %s", reason)
+        return Engine(dataclasses.replace(engine.lm, compiled=False))
+    return engine
+
 
 async def serve(settings: WorkerSettings) -> None:
-    log = logs.setup("worker", settings.log_level)
+    logs.setup("worker", settings.log_level)
     hf_logging.disable_progress_bar()
     # Forward passes run on one engine thread: a thread count set there holds
     # for all later steps (torch keeps it per thread once a thread has used it).
@@ -47,15 +66,7 @@ async def serve(settings: WorkerSettings) -> None:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
     if lm.compiled:
-        try:
-            await asyncio.to_thread(engine.warm_up)
-        except Exception as exc:  # whatever the compiler raised: say it
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            if settings.compile != "auto":  # asked for: stop
-                log.error("cannot start: torch.compile failed on this model: %s", reason)
-                raise SystemExit(2) from None
-            log.warning("torch.compile failed on this model, serving uncompiled: %s", reason)
-            engine = Engine(dataclasses.replace(lm, compiled=False))
+        engine = await asyncio.to_thread(warmed, engine, settings.compile)
     if not settings.torch_threads and lm.device.type == "cpu":
         await asyncio.to_thread(threads.choose, engine, settings.max_batch_size)
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)

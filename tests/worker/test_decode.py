@@ -190,3 +190,25 @@ def test_compiling_a_model_without_the_written_out_forward_fails_at_start(tiny_l
     eager = _gemma_shaped(tiny_lm, window=8, head_dim=16, attn="eager")
     with pytest.raises(RuntimeError, match="BASTION_COMPILE"):
         Engine(dataclasses.replace(_serving(tiny_lm, eager), compiled=True))
+
+
+@pytest.mark.parametrize(("choice", "stops"), [("auto", False), (True, True)])
+def test_a_compile_that_fails_at_warm_up(tiny_lm, monkeypatch, caplog, choice, stops):
+    """Under auto the worker says why and serves uncompiled; asked for, it stops."""
+    from bastion_worker.__main__ import warmed
+
+    engine = Engine(dataclasses.replace(tiny_lm, compiled=True))
+
+    def compiler_gave_up() -> None:
+        raise RuntimeError("the compiler gave up\nwith a long traceback")
+
+    monkeypatch.setattr(engine, "warm_up", compiler_gave_up)
+    if stops:
+        with pytest.raises(SystemExit):
+            warmed(engine, choice)
+        assert "cannot start: torch.compile failed on this model" in caplog.text
+        return
+    served = warmed(engine, choice)
+    assert served is not engine and not served.lm.compiled
+    assert served.decoder is not None and served.decoder.compiled_forward is None
+    assert "serving uncompiled: the compiler gave up" in caplog.text
