@@ -493,16 +493,18 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
             "BASTION_LOG_LEVEL": "WARNING",
         }  # fmt: skip
         stack = Stack(env, log_dir=Path(data) / "logs")
+        worker_log = Path(data) / "logs" / "worker.log"
         stack.start(extra={"worker": {"BASTION_LOG_LEVEL": "INFO"}})  # for its thread count
         try:
             stack.wait_ready(300)
             token = mint(secret, subject="bench", role="admin", tenant="bench", issuer="bastion")
-            log = Path(data) / "logs" / "worker.log"
-            picked = f"{_picked_threads(log)} torch threads at start-up and {_compiled(log)}"
+            picked = (
+                f"{_picked_threads(worker_log)} torch threads at start-up and "
+                f"{_compiled(worker_log)}"
+            )
             yield stack.gateway_url, token, picked
         finally:
             stack.stop()
-            worker_log = Path(data) / "logs" / "worker.log"
             if worker_log.is_file():  # its thread timings, beside the worker alone's
                 shutil.copyfile(worker_log, RESULTS / f"platform-worker-{path.name}.log")
 

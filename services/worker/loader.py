@@ -169,7 +169,7 @@ def pick_compile(
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
-        and linear.startswith("onednn")
+        and linear == "onednn"
         and decode.supports(model)
     )
 
@@ -209,6 +209,7 @@ def load(
     model.eval()
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     fused = norms.fuse_norms(model)
+    compiled = pick_compile(compile_model, model, device, dtype, linear)
     if linear == "onednn":
         # merged before packing, from the dense layers: float32 MLPs, float32 and
         # bfloat16 attention projections
@@ -220,7 +221,6 @@ def load(
             f"onednn ({packed} layers packed, {merged} MLPs merged, {mlps} fused, "
             f"{projections} attention projections merged)"
         )
-    compiled = pick_compile(compile_model, model, device, dtype, linear)
     template = tokenizer.chat_template
     stops: tuple[str, ...] = ()
     if not isinstance(template, str):

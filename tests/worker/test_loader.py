@@ -65,7 +65,7 @@ def test_compile_auto_is_on_only_for_packed_bfloat16_on_the_cpu(tiny_lm):
     from bastion_worker.loader import pick_compile
 
     model, cpu = tiny_lm.model, torch.device("cpu")
-    packed = "onednn (4 layers packed)"
+    packed = "onednn"
     assert tiny_lm.compiled is False  # the tiny model loads in float32
     assert pick_compile("auto", model, cpu, torch.bfloat16, packed)
     assert not pick_compile("auto", model, cpu, torch.float32, packed)
