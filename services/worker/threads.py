@@ -14,9 +14,10 @@ a decode step of a full batch on 1, 2, 4, ... threads (up to the cores torch
 would use) and keeps the fewest that come within ``SLACK`` of the fastest
 (``LONG_SLACK`` where a step takes ``LONG_STEP_S`` or more).
 
-The counts are timed in turn over several rounds, each keeping its fastest
-step. Started with the rest of the platform, the worker calibrates while the
-other services load; timed one count after the other, a burst of their work
+The counts are timed in turn over several rounds, each visit keeping its
+fastest step, and each count is judged by its median visit. Started with
+the rest of the platform, the worker calibrates while the other services
+load; timed one count after the other, a burst of their work
 could cover all of one count's steps. In one bench run the end-to-end worker
 served Gemma at 1 client with 120 ms between tokens against 89 ms alone, and
 at 32 clients made 72 against 101 tokens/s: as if on 1 thread, where 2 were
@@ -34,6 +35,18 @@ platform then served at 66% of the worker alone. So the worker first waits
 (at most ``QUIET_LIMIT_S``) until the machine is quiet: less than
 ``QUIET_SHARE`` of one core busy over ``QUIET_WINDOW_S``, from /proc/stat.
 Where it never gets quiet (a busy node), it times what it gets.
+
+Judged by its single fastest step, the pick was still fragile on a slow
+machine: one start of the platform's worker timed the tiny model's step at
+2.3 ms on 1 thread and 1.5 ms on 2 (1.53x) and kept 2, where eight
+calibrations in a row in one process measured 2 threads 1.01-1.23x faster;
+with 2 threads end to end fell to half of the worker alone. The whole
+calibration of the tiny model took about 0.1 s, so one disturbance of that
+length could decide it. So each visit is short (``STEPS`` steps), the rounds
+go on until ``MIN_CALIBRATION_S`` has passed (at least ``ROUNDS``, at most
+``MAX_ROUNDS``), and a count's time is the median of its visits: a
+disturbance must cover most of a count's visits, spread over half a second
+or more, to move the pick.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import statistics
 import time
 from collections.abc import Callable
 
@@ -64,8 +78,10 @@ LONG_STEP_S = 0.02
 LONG_SLACK = 1.1
 ROWS = 16  # most rows timed (a bigger batch only makes start-up slower)
 PROMPT_TOKENS = 16
-STEPS = 5  # timed one by one; the fastest counts (noise only ever adds time)
-ROUNDS = 3  # every count is timed once per round
+STEPS = 2  # a visit: steps timed one by one, its fastest counts (noise only adds time)
+ROUNDS = 5  # every count is visited once per round; at least this many rounds
+MAX_ROUNDS = 100
+MIN_CALIBRATION_S = 0.5  # rounds go on at least this long (a short step's are brief)
 QUIET_SHARE = 0.1  # of one core
 QUIET_WINDOW_S = 0.2
 QUIET_LIMIT_S = 30.0
@@ -145,16 +161,24 @@ def _step_seconds(engine: Engine, batch: Batch, threads: int) -> float:
     return fastest
 
 
-def fastest(
-    measure: Callable[[int], float], counts: list[int], rounds: int = ROUNDS
+def typical(
+    measure: Callable[[int], float],
+    counts: list[int],
+    rounds: int = ROUNDS,
+    min_seconds: float = MIN_CALIBRATION_S,
+    max_rounds: int = MAX_ROUNDS,
 ) -> dict[int, float]:
-    """Each count's fastest ``measure`` over ``rounds`` rounds, the counts
-    measured in turn within each round."""
-    timings = dict.fromkeys(counts, float("inf"))
-    for _ in range(rounds):
+    """Each count's median ``measure``, the counts measured in turn within each
+    round; at least ``rounds`` rounds, more until ``min_seconds`` have passed
+    (at most ``max_rounds``)."""
+    visits: dict[int, list[float]] = {n: [] for n in counts}
+    start = time.monotonic()
+    done = 0
+    while done < rounds or (time.monotonic() - start < min_seconds and done < max_rounds):
         for n in counts:
-            timings[n] = min(timings[n], measure(n))
-    return timings
+            visits[n].append(measure(n))
+        done += 1
+    return {n: statistics.median(times) for n, times in visits.items()}
 
 
 def pick(timings: dict[int, float]) -> int:
@@ -172,7 +196,7 @@ def choose(engine: Engine, max_batch: int) -> int:
     waited = wait_until_quiet()
     with torch.inference_mode():
         batch = _calibration_batch(engine, rows)
-        timings = fastest(
+        timings = typical(
             lambda n: _step_seconds(engine, batch, n), candidates(torch.get_num_threads())
         )
     chosen = pick(timings)

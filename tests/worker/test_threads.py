@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,20 +30,43 @@ def test_a_long_step_takes_more_threads_at_a_smaller_gain():
     assert threads.pick({1: 0.0130, 2: 0.0110}) == 1  # a short step still needs 1.3x
 
 
-def test_counts_are_timed_in_turn_and_each_keeps_its_fastest():
-    """A burst of other work during one count's timing (here: 2 threads in the
-    first round) must not decide the pick."""
+def test_counts_are_timed_in_turn_and_each_keeps_its_median_visit():
+    """A burst of other work during one count's visits (here: 1 thread in the
+    first two of five rounds) must not decide the pick, nor one lucky visit
+    (2 threads in the last round)."""
     order: list[int] = []
-    scripted = {1: iter([0.10, 0.11, 0.10]), 2: iter([0.30, 0.05, 0.06])}
+    scripted = {
+        1: iter([0.0030, 0.0025, 0.0010, 0.0011, 0.0010]),
+        2: iter([0.00095, 0.0009, 0.0010, 0.00092, 0.0005]),
+    }
 
     def measure(n: int) -> float:
         order.append(n)
         return next(scripted[n])
 
-    timings = threads.fastest(measure, [1, 2], rounds=3)
-    assert order == [1, 2, 1, 2, 1, 2]
-    assert timings == {1: 0.10, 2: 0.05}
-    assert threads.pick(timings) == 2
+    timings = threads.typical(measure, [1, 2], rounds=5, min_seconds=0.0)
+    assert order == [1, 2] * 5
+    assert timings == {1: 0.0011, 2: 0.00092}
+    assert threads.pick(timings) == 1  # 1.2x faster: not enough for a 2nd thread
+    # by its fastest step, 2 threads would have looked 2x faster
+
+
+def test_rounds_go_on_until_the_calibration_has_taken_its_time():
+    """Quick visits go on in whole rounds until ``min_seconds`` have passed,
+    within ``max_rounds``."""
+    visits: list[int] = []
+
+    def measure(n: int) -> float:
+        visits.append(n)
+        return 0.001
+
+    start = time.monotonic()
+    threads.typical(measure, [1, 2], rounds=2, min_seconds=0.05, max_rounds=10**9)
+    assert time.monotonic() - start >= 0.05
+    assert len(visits) > 2 * 2 and len(visits) % 2 == 0
+    visits.clear()
+    threads.typical(measure, [1, 2], rounds=2, min_seconds=10.0, max_rounds=6)
+    assert visits == [1, 2] * 6
 
 
 def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
