@@ -1,12 +1,17 @@
+import dataclasses
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch._dynamo.utils import counters
 
+from bastion_common.messages import SamplingParams
 from bastion_worker import threads
+from bastion_worker.__main__ import ready
 from bastion_worker.engine import Engine
+from bastion_worker.settings import WorkerSettings
 
 
 def test_candidates_double_up_to_the_cores():
@@ -75,6 +80,29 @@ def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
         chosen = threads.choose(Engine(tiny_lm), max_batch=4)
         assert chosen in threads.candidates(before)
         assert torch.get_num_threads() == chosen
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_compiled_engine_is_warmed_up_again_on_the_count_picked(tiny_lm, monkeypatch, tmp_path):
+    """Compiled graphs hold the thread count they were compiled at: where the
+    pick differs from the count of the first warm-up, the start-up compiles
+    what a first request would otherwise (a one-row decode among them)."""
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    monkeypatch.setattr(threads, "pick", lambda timings: other)
+    settings = WorkerSettings(model_path=tmp_path, max_batch_size=4)
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    try:
+        engine = ready(Engine(dataclasses.replace(tiny_lm, compiled=True)), settings)
+        assert torch.get_num_threads() == other and engine.lm.compiled
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.inference_mode():
+            batch = engine.prefill([engine.new_sequence("r", [5, 6, 7, 8, 9], greedy, 4, ())])
+            for _ in range(3):
+                engine.decode_step(batch)
+        assert batch.seqs[0].output_ids
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
     finally:
         torch.set_num_threads(before)
 
