@@ -31,8 +31,17 @@ def test_more_threads_only_when_they_pay():
 def test_a_long_step_takes_more_threads_at_a_smaller_gain():
     assert threads.pick({1: 0.0897, 2: 0.0730}) == 2  # Gemma, 1.23x: a noisy calibration
     assert threads.pick({1: 0.0745, 2: 0.0641}) == 2  # 1.16x, timed while others loaded
-    assert threads.pick({1: 0.0786, 2: 0.0769}) == 1  # 1.02x: a tie still keeps 1
     assert threads.pick({1: 0.0130, 2: 0.0110}) == 1  # a short step still needs 1.3x
+
+
+def test_a_long_step_keeps_more_threads_on_a_tie():
+    """Gemma's step timed level on 1 and 2 threads in a disturbed calibration;
+    the worker that kept 1 served at 56% of one that kept 2."""
+    assert threads.pick({1: 0.4005, 2: 0.4015}) == 2
+    assert threads.pick({1: 0.0786, 2: 0.0769}) == 2
+    assert threads.pick({1: 0.40, 2: 0.22, 4: 0.23}) == 4
+    assert threads.pick({1: 0.080, 2: 0.095}) == 1  # clearly slower on 2: not taken
+    assert threads.pick({1: 0.00112, 2: 0.00116}) == 1  # a short step's tie keeps 1
 
 
 def test_counts_are_timed_in_turn_and_each_keeps_its_median_visit():
