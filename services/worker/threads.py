@@ -48,6 +48,12 @@ go on until ``MIN_CALIBRATION_S`` has passed (at least ``ROUNDS``, at most
 ``MAX_ROUNDS``), and a count's time is the median of its visits: a
 disturbance must cover most of a count's visits, spread over half a second
 or more, to move the pick.
+
+A disturbance that lasts the whole calibration still can (a long step's tie
+keeps the more threads for that reason, see ``LONG_SLACK``), and the wait
+for a quiet machine, before it, does not see one that starts later. So the
+log line of the pick also says how much of a core everything else on the
+machine kept busy while the steps were timed.
 """
 
 from __future__ import annotations
@@ -103,6 +109,26 @@ def _cpu_ticks() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return sum(fields) - fields[3] - fields[4], sum(fields)  # less idle and iowait
+
+
+Usage = tuple[float, tuple[int, int], float]  # wall clock, machine ticks, own CPU seconds
+
+
+def usage() -> Usage | None:
+    """A reading for :func:`others_busy` (None where /proc/stat cannot be read)."""
+    ticks = _cpu_ticks()
+    return None if ticks is None else (time.monotonic(), ticks, time.process_time())
+
+
+def others_busy(since: Usage | None) -> float | None:
+    """How many cores the rest of the machine (everything but this process)
+    kept busy on average since ``since``; None where that cannot be told."""
+    now = usage()
+    if since is None or now is None or now[0] <= since[0]:
+        return None
+    machine_s = (now[1][0] - since[1][0]) / os.sysconf("SC_CLK_TCK")
+    own_s = now[2] - since[2]
+    return max(0.0, machine_s - own_s) / (now[0] - since[0])
 
 
 def wait_until_quiet(limit_s: float = QUIET_LIMIT_S) -> float:
@@ -204,17 +230,21 @@ def choose(engine: Engine, max_batch: int) -> int:
     waited = wait_until_quiet()
     with torch.inference_mode():
         batch = _calibration_batch(engine, rows)
+        start = usage()
         timings = typical(
             lambda n: _step_seconds(engine, batch, n), candidates(torch.get_num_threads())
         )
+        others = others_busy(start)
     chosen = pick(timings)
     torch.set_num_threads(chosen)
     log.info(
         "torch threads: %d (decode step at %d rows on 1, 2, ... threads: %s; timed after "
-        "waiting %.1f s for a quiet machine)",
+        "waiting %.1f s for a quiet machine; meanwhile the rest of the machine kept %s "
+        "of a core busy)",
         chosen,
         rows,
         ", ".join(f"{n}: {t * 1e3:.1f} ms" for n, t in sorted(timings.items())),
         waited,
+        "an unknown share" if others is None else f"{others:.2f}",
     )
     return chosen

@@ -144,3 +144,26 @@ def test_waits_for_a_quiet_machine_while_another_process_is_busy():
     finally:
         spin.wait(10)
     assert 0.8 <= waited < 20.0
+
+
+def test_the_rest_of_the_machine_is_measured_apart_from_this_process():
+    """Another process spinning for a second shows as most of a core; this
+    process spinning itself does not count."""
+    start = threads.usage()
+    spin = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass",
+        ]
+    )
+    spin.wait(10)
+    other = threads.others_busy(start)
+    start = threads.usage()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        pass
+    own = threads.others_busy(start)
+    assert other is not None and own is not None
+    assert other >= 0.6
+    assert own < 0.4
