@@ -111,13 +111,13 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return sum(fields) - fields[3] - fields[4], sum(fields)  # less idle and iowait
 
 
-Usage = tuple[float, tuple[int, int], float]  # wall clock, machine ticks, own CPU seconds
+Usage = tuple[float, int, float]  # wall clock, the machine's busy ticks, own CPU seconds
 
 
 def usage() -> Usage | None:
     """A reading for :func:`others_busy` (None where /proc/stat cannot be read)."""
     ticks = _cpu_ticks()
-    return None if ticks is None else (time.monotonic(), ticks, time.process_time())
+    return None if ticks is None else (time.monotonic(), ticks[0], time.process_time())
 
 
 def others_busy(since: Usage | None) -> float | None:
@@ -126,7 +126,7 @@ def others_busy(since: Usage | None) -> float | None:
     now = usage()
     if since is None or now is None or now[0] <= since[0]:
         return None
-    machine_s = (now[1][0] - since[1][0]) / os.sysconf("SC_CLK_TCK")
+    machine_s = (now[1] - since[1]) / os.sysconf("SC_CLK_TCK")
     own_s = now[2] - since[2]
     return max(0.0, machine_s - own_s) / (now[0] - since[0])
 
