@@ -7,7 +7,9 @@ Each iteration: let the scheduler pick which waiting requests join now
 (prefilled in the next decode step's own pass where the engine can, else on
 their own and joined), then start the batch's next step and, while it runs,
 in one Redis round trip: publish every sequence's new text (one entry per
-gateway, holding its requests' records), acknowledge the requests that
+gateway, holding its requests' records; at most ``stream_records_per_s``
+records a second over the batch, a request's first token and its end at
+once), acknowledge the requests that
 ended, read only as many new requests as there are free slots (the rest
 stay in the stream for other workers) and, every 50 ms, the running
 requests' cancel marks. After a long step, what arrived during it is
@@ -77,6 +79,8 @@ class Ticket:
     arrived: float
     # When the result stream's expiry and the answered mark were last pushed back.
     ttl_set: float = 0.0
+    # When this request's text was last published; None before its first token.
+    sent_at: float | None = None
 
 
 class Consumer:
@@ -409,10 +413,14 @@ class Consumer:
         ended: list[Ticket] = []
         entries: dict[str, dict[str, str]] = {}
         now = time.monotonic()
+        rate = self.settings.stream_records_per_s
+        interval = len(self.batch.seqs) / rate if rate else 0.0
         for seq in self.batch.seqs:
             if seq.published:
                 continue
             ticket = self.running[seq.request_id]
+            if not seq.finished and ticket.sent_at is not None and now - ticket.sent_at < interval:
+                continue  # its text waits (or for its end)
             text = self.engine.take_text(seq)
             if seq.finished:
                 record = ResultRecord(
@@ -424,6 +432,7 @@ class Consumer:
                 )
             elif text:
                 record = ResultRecord(kind="token", text=text)
+                ticket.sent_at = now
             else:
                 continue
             request = ticket.request

@@ -40,6 +40,14 @@ class WorkerSettings(CommonSettings):
     # past it the newest, lowest-priority sequence is preempted and resumed
     # later by recomputation. 0: no limit.
     kv_budget_tokens: int = Field(0, ge=0)
+    # Result records the worker publishes a second at most, over all its running
+    # requests: each request's new text waits until (rows in the batch) / this
+    # seconds have passed since its last (its first token and its end go at
+    # once). The platform's work is per record (the gateway, the guard's output
+    # filter, the client's parse), so fast steps' tokens are sent a few at a
+    # time; a lone request, or steps slower than that, stream every token.
+    # 0: every step.
+    stream_records_per_s: float = Field(2000.0, ge=0)
     # Used when a request gives no max_tokens (still capped by the context).
     default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)

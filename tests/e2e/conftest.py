@@ -147,6 +147,10 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_MAX_BODY_BYTES": str(MAX_BODY),
         "BASTION_REQUEST_TIMEOUT_S": "60",
         "BASTION_TORCH_THREADS": "1",
+        # Every step's text sent as it comes: the streaming tests look at many
+        # small events, UTF-8 split between them included. The record rate has
+        # its own worker test.
+        "BASTION_STREAM_RECORDS_PER_S": "0",
         "BASTION_INSECURE_HTTP": "true",
         **auth_env,
     }

@@ -320,6 +320,37 @@ async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, ar
     assert (await _results(aredis, long))[-1].completion_tokens == 600
 
 
+async def _streamed(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, records_per_s):
+    """One request's records from a worker publishing at most ``records_per_s``."""
+    settings = WorkerSettings(
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
+        worker_id=f"w-{uuid.uuid4().hex[:6]}", stream_records_per_s=records_per_s,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
+    try:
+        req = _request(settings, "The gateway", max_tokens=30, temperature=0.0, ignore_eos=True)
+        await aredis.xadd(settings.keys.requests(settings.served_name), req.dump())
+        return await _results(aredis, req)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_text_held_back_by_the_record_rate_is_sent_whole(
+    tiny_lm, tiny_model_path, key_prefix, redis_url, aredis
+):
+    every_step = await _streamed(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, 0)
+    # One record in 1,000 s, longer than the whole request: its first token at
+    # once, the rest at its end.
+    held = await _streamed(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, 0.001)
+    assert [r.kind for r in held] == ["token", "done"]
+    assert held[0].text == every_step[0].text
+    assert len(every_step) > 10  # about one record a token
+    assert "".join(r.text for r in held) == "".join(r.text for r in every_step)
+    assert held[-1].completion_tokens == every_step[-1].completion_tokens == 30
+
+
 async def _serve_all(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, **settings_overrides):
     settings = WorkerSettings(
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
