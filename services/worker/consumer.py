@@ -420,7 +420,7 @@ class Consumer:
                 continue
             ticket = self.running[seq.request_id]
             if not seq.finished and ticket.sent_at is not None and now - ticket.sent_at < interval:
-                continue  # its text waits (or for its end)
+                continue  # held back: sent with a later step's text, or with its end
             text = self.engine.take_text(seq)
             if seq.finished:
                 record = ResultRecord(

@@ -159,12 +159,13 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
 
 
 @contextlib.asynccontextmanager
-async def _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url):
+async def _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, **overrides):
     """A consumer waiting on its stream: yields its settings, the stream and the
     sizes of the prefills it runs."""
     settings = WorkerSettings(
-        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
-    )
+        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1",
+        **overrides,
+    )  # fmt: skip
     engine, prefills = _recording_prefills(tiny_lm)
     stop = asyncio.Event()
     task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
@@ -322,19 +323,13 @@ async def test_a_short_request_joins_and_leaves_while_a_long_one_runs(worker, ar
 
 async def _streamed(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, records_per_s):
     """One request's records from a worker publishing at most ``records_per_s``."""
-    settings = WorkerSettings(
-        model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
-        worker_id=f"w-{uuid.uuid4().hex[:6]}", stream_records_per_s=records_per_s,
-    )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
-    try:
+    worker = _idle_worker(
+        tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, stream_records_per_s=records_per_s
+    )
+    async with worker as (settings, stream, _):
         req = _request(settings, "The gateway", max_tokens=30, temperature=0.0, ignore_eos=True)
-        await aredis.xadd(settings.keys.requests(settings.served_name), req.dump())
+        await aredis.xadd(stream, req.dump())
         return await _results(aredis, req)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_text_held_back_by_the_record_rate_is_sent_whole(
