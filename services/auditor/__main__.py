@@ -12,12 +12,13 @@ from bastion_auditor.api import create_app
 from bastion_auditor.consumer import AuditConsumer
 from bastion_auditor.settings import AuditorSettings
 from bastion_auditor.store import AuditStore
-from bastion_common import logs
+from bastion_common import logs, priority
 from bastion_common.settings import load
 
 
 async def serve(settings: AuditorSettings) -> None:
     log = logs.setup("auditor", settings.log_level)
+    priority.lower(settings.cpu_nice)
     (settings.data_dir / "clickhouse").mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(AuditStore, settings.clickhouse_dsn())
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)

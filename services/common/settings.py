@@ -27,6 +27,9 @@ class CommonSettings(BaseSettings):
     log_level: str = "INFO"
     # The policy (TOML: access, limits, guard actions); Bastion's default when unset.
     policy_file: Path | None = None
+    # Lower this service's CPU priority by this much at start-up (bastion_common.priority);
+    # `bastion run` sets 10 for the gateway, guard and auditor.
+    cpu_nice: int = Field(0, ge=0, le=19)
 
     @property
     def keys(self) -> Keys:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bastion_common import logs
+from bastion_common import logs, priority
 from bastion_common.settings import load
 from bastion_common.tls import server_context
 from bastion_gateway.app import create_app
@@ -16,6 +16,7 @@ SHUTDOWN_GRACE_S = 10.0
 def main() -> None:
     settings = load(GatewaySettings)
     log = logs.setup("gateway", settings.log_level)
+    priority.lower(settings.cpu_nice)
     scheme = "https" if settings.tls_enabled else "http"
     log.info("gateway listening on %s://%s:%d", scheme, settings.host, settings.port)
     context = None

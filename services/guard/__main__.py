@@ -7,7 +7,7 @@ import signal
 
 import redis.asyncio as aioredis
 
-from bastion_common import logs
+from bastion_common import logs, priority
 from bastion_common.settings import load
 from bastion_guard.server import start
 from bastion_guard.settings import GuardSettings
@@ -17,6 +17,7 @@ GRACE_S = 5.0
 
 async def serve(settings: GuardSettings) -> None:
     log = logs.setup("guard", settings.log_level)
+    priority.lower(settings.cpu_nice)
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     server, port = await start(settings, redis=redis)
     log.info("guard listening on %s:%d", settings.guard_host, port)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import torch
 from transformers.utils import logging as hf_logging
 
-from bastion_common import logs
+from bastion_common import logs, priority
 from bastion_common.settings import load as load_settings
 from bastion_worker import threads
 from bastion_worker.consumer import Consumer
@@ -60,6 +60,7 @@ def ready(engine: Engine, settings: WorkerSettings) -> Engine:
 
 async def serve(settings: WorkerSettings) -> None:
     logs.setup("worker", settings.log_level)
+    priority.lower(settings.cpu_nice)
     hf_logging.disable_progress_bar()
     # Forward passes run on one engine thread: a thread count set there holds
     # for all later steps (torch keeps it per thread once a thread has used it).
