@@ -212,11 +212,15 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
         "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "INFO",
     }  # fmt: skip
     # Its log (the torch thread count it picked, among others) beside vLLM's;
-    # the process keeps its own handle, as vllm_server's does.
+    # the process keeps its own handle, as vllm_server's does. In a session of
+    # its own, as the platform's services and vLLM's server run: Linux shares
+    # the CPU between sessions first, and in the bench's session the worker
+    # would share one group's share with the clients.
     with (RESULTS / f"worker-{path.name}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bastion_worker"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+            [sys.executable, "-m", "bastion_worker"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     client = sync_redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 300
