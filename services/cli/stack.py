@@ -23,9 +23,9 @@ SERVICES = ("guard", "auditor", "worker", "gateway")
 STOP_GRACE_S = 15.0
 # BASTION_CPU_NICE of every service but the worker, where the environment sets
 # none: the forward passes come first on a machine they share
-# (bastion_common.priority). Tiny model, 32 clients, 2 cores, two platforms
-# alternated in one process: end to end a median 0.85 of the worker alone at
-# nice 0, 0.91 at 10 (16 rounds; README, architecture).
+# (bastion_common.priority). Tiny model, 2 cores, two platforms alternated in
+# one process: at nice 10 a median 1.04x the throughput of nice 0 at 32
+# clients (16 rounds), 1.19x at 8 (6 rounds); README, architecture.
 FRONT_NICE = "10"
 
 
