@@ -32,8 +32,9 @@ def lower(nice: int) -> None:
     shell's session: a service started from a terminal shares it)."""
     if nice <= 0:
         return
+    nice = max(nice, os.getpriority(os.PRIO_PROCESS, 0))
     # Per thread on Linux: the calling one, and those it starts from now on.
-    os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
     grouped = os.getsid(0) == os.getpid() and AUTOGROUP.is_file()
     if grouped:
         try:  # "/autogroup-85 nice 0"
