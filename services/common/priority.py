@@ -25,6 +25,20 @@ log = logging.getLogger(__name__)
 AUTOGROUP = Path("/proc/self/autogroup")
 
 
+def group_nice(text: str) -> int | None:
+    """The nice in an autogroup file's text ("/autogroup-85 nice 0"), or None
+    where it names none: the file is empty for a process in the kernel's
+    default group, which holds init's session and everything that never left
+    it (a container's processes, often)."""
+    fields = text.split()
+    if len(fields) == 3 and fields[1] == "nice":
+        try:
+            return int(fields[2])
+        except ValueError:
+            return None
+    return None
+
+
 def lower(nice: int) -> None:
     """Run this process at ``nice`` (0-19, never back up) from now on; the
     threads it starts later inherit it, so call this before starting any. A
@@ -35,11 +49,13 @@ def lower(nice: int) -> None:
     nice = max(nice, os.getpriority(os.PRIO_PROCESS, 0))
     # Per thread on Linux: the calling one, and those it starts from now on.
     os.setpriority(os.PRIO_PROCESS, 0, nice)
-    grouped = os.getsid(0) == os.getpid() and AUTOGROUP.is_file()
-    if grouped:
-        try:  # "/autogroup-85 nice 0"
-            AUTOGROUP.write_text(str(max(nice, int(AUTOGROUP.read_text().split()[-1]))))
-        except (OSError, ValueError) as exc:  # a read-only /proc in some containers
+    grouped = False
+    if os.getsid(0) == os.getpid() and AUTOGROUP.is_file():
+        try:
+            current = group_nice(AUTOGROUP.read_text())
+            if current is not None:
+                AUTOGROUP.write_text(str(max(nice, current)))
+                grouped = True
+        except OSError as exc:  # a read-only /proc in some containers
             log.warning("could not set the session's CPU priority: %s", exc)
-            grouped = False
     log.info("CPU priority lowered: nice %d%s", nice, " (its session too)" if grouped else "")

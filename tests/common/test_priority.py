@@ -11,28 +11,38 @@ import pytest
 
 HAS_AUTOGROUP = Path("/proc/self/autogroup").is_file()
 
-# The child lowers its priority, then prints its own nice and its session's group's.
+# The child lowers its priority, then prints its own nice and its session's
+# group's ("-" where it has none: the file is empty in the kernel's default
+# group, where CI's processes run).
 CHILD = """
 import os
 from pathlib import Path
 from bastion_common import priority
 priority.lower({nice})
 group = Path("/proc/self/autogroup")
-print(os.getpriority(os.PRIO_PROCESS, 0), group.read_text().split()[-1] if group.is_file() else "-")
+fields = group.read_text().split() if group.is_file() else []
+print(os.getpriority(os.PRIO_PROCESS, 0), fields[-1] if fields else "-")
 """
 
 
 def lowered(nice: int, own_session: bool, start_at: int = 0) -> tuple[int, str]:
     """(the child's nice, its autogroup's nice or "-") after ``priority.lower(nice)``."""
-    out = subprocess.run(
+    child = subprocess.run(
         [sys.executable, "-c", CHILD.format(nice=nice)],
         capture_output=True,
         text=True,
-        check=True,
         start_new_session=own_session,
         preexec_fn=(lambda: os.nice(start_at)) if start_at else None,
-    ).stdout.split()
+    )
+    assert child.returncode == 0, child.stderr
+    out = child.stdout.split()
     return int(out[0]), out[1]
+
+
+def own_group() -> str:
+    """This process's autogroup nice as the child prints it."""
+    fields = Path("/proc/self/autogroup").read_text().split() if HAS_AUTOGROUP else []
+    return fields[-1] if fields else "-"
 
 
 def test_a_session_leader_lowers_itself_and_its_session():
@@ -43,12 +53,21 @@ def test_a_session_leader_lowers_itself_and_its_session():
 
 
 def test_a_process_in_someone_elses_session_leaves_the_session_alone():
-    before = Path("/proc/self/autogroup").read_text() if HAS_AUTOGROUP else None
+    before = own_group()
     nice, group = lowered(7, own_session=False)
     assert nice == 7
-    if HAS_AUTOGROUP:
-        assert group == before.split()[-1]  # type: ignore[union-attr]
-        assert Path("/proc/self/autogroup").read_text() == before
+    assert group == before
+    assert own_group() == before
+
+
+@pytest.mark.parametrize(
+    ("text", "nice"),
+    [("/autogroup-85 nice 0\n", 0), ("/autogroup-3 nice 12", 12), ("", None), ("garbled", None)],
+)
+def test_the_group_file_is_read_where_it_names_a_nice(text, nice):
+    from bastion_common.priority import group_nice
+
+    assert group_nice(text) == nice
 
 
 def test_priority_is_never_raised():
