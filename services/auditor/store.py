@@ -72,6 +72,12 @@ class AuditStore:
         self._lock = threading.Lock()
         with self._lock:
             self._client.command(DDL)
+            # Reused for every insert: made afresh, each insert first asks the
+            # engine for the columns' types (a DESCRIBE); with chdb, a one-row
+            # insert cost 14.4 and 11.3 against 12.1 and 9.2 ms of CPU reused
+            # (medians of 6 alternated rounds of 20 inserts, two runs).
+            # Only its data changes, under the lock (it is not thread-safe).
+            self._insert = self._client.create_insert_context(TABLE, column_names=list(COLUMNS))
         # clickhouse-connect imports pandas, when installed, on the first insert
         # (to check whether the rows are a DataFrame). That cost 0.3-1 s of CPU,
         # paid in the middle of serving; it is paid here, at start-up, instead.
@@ -79,8 +85,10 @@ class AuditStore:
             importlib.import_module("pandas")
 
     def insert(self, events: list[AuditEvent]) -> None:
+        rows = [_row(e) for e in events]
         with self._lock:
-            self._client.insert(TABLE, [_row(e) for e in events], column_names=list(COLUMNS))
+            self._insert.data = rows
+            self._client.insert(context=self._insert)
 
     def query(self, filters: dict[str, str], limit: int = 100) -> list[dict[str, Any]]:
         where = " AND ".join(f"{name} = {{{name}:{FILTERS[name]}}}" for name in filters) or "1"
