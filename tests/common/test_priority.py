@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-HAS_AUTOGROUP = Path("/proc/self/autogroup").is_file()
+from bastion_common.priority import AUTOGROUP, group_nice
+
+HAS_AUTOGROUP = AUTOGROUP.is_file()
 
 # The child lowers its priority, then prints its own nice and its session's
-# group's ("-" where it has none: the file is empty in the kernel's default
+# group's (None where it has none: the file is empty in the kernel's default
 # group, where CI's processes run).
 CHILD = """
-import os
-from pathlib import Path
+import json, os
 from bastion_common import priority
 priority.lower({nice})
-group = Path("/proc/self/autogroup")
-fields = group.read_text().split() if group.is_file() else []
-print(os.getpriority(os.PRIO_PROCESS, 0), fields[-1] if fields else "-")
+group = priority.AUTOGROUP
+nice = priority.group_nice(group.read_text()) if group.is_file() else None
+print(json.dumps([os.getpriority(os.PRIO_PROCESS, 0), nice]))
 """
 
 
-def lowered(nice: int, own_session: bool, start_at: int = 0) -> tuple[int, str]:
-    """(the child's nice, its autogroup's nice or "-") after ``priority.lower(nice)``."""
+def lowered(nice: int, own_session: bool, start_at: int = 0) -> tuple[int, int | None]:
+    """(the child's nice, its autogroup's nice or None) after ``priority.lower(nice)``."""
     child = subprocess.run(
         [sys.executable, "-c", CHILD.format(nice=nice)],
         capture_output=True,
@@ -35,21 +36,20 @@ def lowered(nice: int, own_session: bool, start_at: int = 0) -> tuple[int, str]:
         preexec_fn=(lambda: os.nice(start_at)) if start_at else None,
     )
     assert child.returncode == 0, child.stderr
-    out = child.stdout.split()
-    return int(out[0]), out[1]
+    nice, group = json.loads(child.stdout)
+    return nice, group
 
 
-def own_group() -> str:
-    """This process's autogroup nice as the child prints it."""
-    fields = Path("/proc/self/autogroup").read_text().split() if HAS_AUTOGROUP else []
-    return fields[-1] if fields else "-"
+def own_group() -> int | None:
+    """This process's autogroup nice, None where it has none."""
+    return group_nice(AUTOGROUP.read_text()) if HAS_AUTOGROUP else None
 
 
 def test_a_session_leader_lowers_itself_and_its_session():
     nice, group = lowered(7, own_session=True)
     assert nice == 7
     if HAS_AUTOGROUP:
-        assert group == "7"
+        assert group == 7
 
 
 def test_a_process_in_someone_elses_session_leaves_the_session_alone():
@@ -65,8 +65,6 @@ def test_a_process_in_someone_elses_session_leaves_the_session_alone():
     [("/autogroup-85 nice 0\n", 0), ("/autogroup-3 nice 12", 12), ("", None), ("garbled", None)],
 )
 def test_the_group_file_is_read_where_it_names_a_nice(text, nice):
-    from bastion_common.priority import group_nice
-
     assert group_nice(text) == nice
 
 
@@ -79,7 +77,7 @@ def test_zero_changes_nothing():
     nice, group = lowered(0, own_session=True)
     assert nice == 0
     if HAS_AUTOGROUP:
-        assert group == "0"
+        assert group == 0
 
 
 @pytest.mark.parametrize("value", ["-1", "20"])

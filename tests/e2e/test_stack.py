@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bastion_cli.stack import FRONT_NICE, SERVICES
-
-
-def _nice(pid: int) -> int:
-    """A process's nice, from /proc/PID/stat (field 19)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[16])
+from bastion_common.priority import group_nice
 
 
 def test_the_front_services_run_below_the_worker(platform):
-    nices = {name: _nice(platform.stack.procs[name].pid) for name in SERVICES}
+    pids = {name: platform.stack.procs[name].pid for name in SERVICES}
+    nices = {name: os.getpriority(os.PRIO_PROCESS, pid) for name, pid in pids.items()}
     assert nices == {"guard": int(FRONT_NICE), "auditor": int(FRONT_NICE),
                      "worker": 0, "gateway": int(FRONT_NICE)}  # fmt: skip
-    group = Path(f"/proc/{platform.stack.procs['gateway'].pid}/autogroup")
+    group = Path(f"/proc/{pids['gateway']}/autogroup")
     if group.is_file():  # each service leads its own session, so its group follows it
-        assert group.read_text().split()[-1] == FRONT_NICE
+        assert group_nice(group.read_text()) == int(FRONT_NICE)
