@@ -138,5 +138,7 @@ BY_NAME: dict[str, type[BastionError]] = {
 }
 
 
-def from_name(name: str, message: str, code: str | None = None) -> BastionError:
-    return BY_NAME.get(name, InternalError)(message, code=code)
+def from_name(
+    name: str, message: str, code: str | None = None, param: str | None = None
+) -> BastionError:
+    return BY_NAME.get(name, InternalError)(message, code=code, param=param)

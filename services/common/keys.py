@@ -61,6 +61,12 @@ class Keys:
         """Audit entries the auditor could not parse, kept for inspection."""
         return f"{self.prefix}:audit:dead"
 
+    @property
+    def dead_letters(self) -> str:
+        """Hash of requests per model that were delivered too often to be tried
+        again (the worker's dead-letter count; ids and text are not kept)."""
+        return f"{self.prefix}:stats:dead_letters"
+
     def api_key(self, key_id: str) -> str:
         """An API key's record (hash, tenant, role, limits); never the key itself."""
         return f"{self.prefix}:apikey:{key_id}"

@@ -7,9 +7,11 @@ older reader.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from bastion_common.errors import BastionError
 
 FIELD = "m"
 VERSION = 1
@@ -37,18 +39,49 @@ class ChatMessage(BaseModel):
     content: str
 
 
+# Where each request field's bounds live: the gateway validates requests
+# against these models and the worker reads the same ones off the queue.
+# OpenAI's documented ranges where it documents one; elsewhere a range that
+# keeps the sampler's arithmetic finite.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+MAX_NEW_TOKENS = 1 << 20  # a role's ceiling in the policy usually caps far lower
+MAX_TOP_K = 1 << 20  # the worker also refuses a top_k above its model's vocabulary
+SEED_BITS = 64  # torch's generators take a 64-bit seed; signed, as JSON clients send it
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits scaled at most 100x: finite in fp32
+
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+_StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+def _stop_tuple(value: object) -> object:
+    """OpenAI's ``stop`` is a string, a list of strings or null."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return value
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: off
+    top_k: int = Field(0, ge=-1, le=MAX_TOP_K)  # 0 or -1 (vLLM's spelling): off
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
+    repetition_penalty: float = Field(
+        1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1]
+    )
+    stop: Annotated[
+        tuple[StopString, ...],
+        Field(max_length=MAX_STOP_SEQUENCES),
+        BeforeValidator(_stop_tuple, json_schema_input_type=StopString | _StopList | None),
+    ] = ()
+    seed: int | None = Field(None, ge=-(2 ** (SEED_BITS - 1)), le=2 ** (SEED_BITS - 1) - 1)
     # Keep generating past end-of-sequence, up to max_tokens (as vLLM's ignore_eos; benchmarks).
     ignore_eos: bool = False
 
@@ -98,6 +131,18 @@ class ResultRecord(Message):
     error_type: str | None = None
     error_message: str | None = None
     error_code: str | None = None
+    error_param: str | None = None
+
+    @classmethod
+    def failure(cls, exc: BastionError) -> ResultRecord:
+        """The final record of a request that failed with ``exc``."""
+        return cls(
+            kind="error",
+            error_type=type(exc).__name__,
+            error_message=exc.message,
+            error_code=exc.code,
+            error_param=exc.param,
+        )
 
     @property
     def final(self) -> bool:

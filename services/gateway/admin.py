@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from bastion_common.errors import InvalidRequestError
 from bastion_common.policy import PERMISSIONS
 from bastion_gateway import keys
-from bastion_gateway.schemas import parse_json
+from bastion_gateway.schemas import validate_body
 
 routes = web.RouteTableDef()
+MAX_KEY_TTL_S = 10 * 365 * 86400.0
 
 
 class NewKey(BaseModel):
@@ -18,21 +21,18 @@ class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     tenant: str = Field(min_length=1, max_length=128)
     role: str = Field(min_length=1, max_length=64)
-    models: tuple[str, ...] | None = None
-    permissions: tuple[str, ...] | None = None
-    ttl_s: float | None = Field(None, gt=0)
+    models: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] | None = Field(
+        None, max_length=256
+    )
+    permissions: tuple[Annotated[str, Field(max_length=64)], ...] | None = Field(
+        None, max_length=64
+    )
+    ttl_s: float | None = Field(None, gt=0, le=MAX_KEY_TTL_S)
 
 
 @routes.post("/v1/admin/keys", name="keys_create")
 async def create_key(request: web.Request) -> web.Response:
-    try:
-        spec = NewKey.model_validate(parse_json(await request.read()))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(
-            f"Invalid value for '{param}': {first['msg']}.", param=param
-        ) from exc
+    spec = validate_body(NewKey, await request.read())
     if spec.role not in request.app[keys.POLICY].roles:
         raise InvalidRequestError(f"There is no role '{spec.role}'.", param="role")
     unknown = set(spec.permissions or ()) - PERMISSIONS

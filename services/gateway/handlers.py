@@ -6,37 +6,32 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
 
 from aiohttp import web
 
 from bastion_common.errors import BastionError
 from bastion_gateway import keys
 from bastion_gateway.render import Renderer, sse
-from bastion_gateway.schemas import Job, chat_job, completion_job, generate_job, parse_json
+from bastion_gateway.schemas import Job, chat_job, completion_job, generate_job
 from bastion_gateway.service import Admitted, Delta, Finish
 
 routes = web.RouteTableDef()
 Events = AsyncGenerator[Admitted | Delta | Finish, None]
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    return parse_json(await request.read())
-
-
 @routes.post("/v1/chat/completions", name="chat")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, chat_job(await _body(request)))
+    return await _serve(request, chat_job(await request.read()))
 
 
 @routes.post("/v1/completions", name="completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, completion_job(await _body(request)))
+    return await _serve(request, completion_job(await request.read()))
 
 
 @routes.post("/generate", name="generate")
 async def generate(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, generate_job(await _body(request)))
+    return await _serve(request, generate_job(await request.read()))
 
 
 @routes.get("/v1/models", name="models")
@@ -53,6 +48,8 @@ async def list_models(request: web.Request) -> web.Response:
 @routes.get("/metrics", name="metrics")
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[keys.METRICS]
+    broker = request.app[keys.BROKER]
+    registry.workers.dead_letters = await broker.redis.hgetall(broker.keys.dead_letters)
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
 
 

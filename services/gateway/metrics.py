@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+from prometheus_client.registry import Collector
+
+
+class _WorkerCounts(Collector):
+    """Counts the workers keep in Redis (shared by every gateway), as read at scrape time."""
+
+    def __init__(self) -> None:
+        self.dead_letters: Mapping[bytes | str, bytes | str] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "bastion_worker_dead_lettered_requests",
+            "Requests answered with an error after too many deliveries, by model.",
+            labels=["model"],
+        )
+        for model, count in sorted(self.dead_letters.items()):
+            family.add_metric([str(model)], float(count))
+        yield family
 
 
 class GatewayMetrics:
@@ -32,6 +53,9 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+
+        self.workers = _WorkerCounts()
+        self.registry.register(self.workers)
 
     def observe(self, endpoint: str, status: str, seconds: float, model: str, tokens: int) -> None:
         self.requests.labels(endpoint, status).inc()

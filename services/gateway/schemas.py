@@ -1,80 +1,94 @@
 """Parsing and validating request bodies into one normalised :class:`Job`.
 
-Field names and semantics follow OpenAI's API; what Bastion does not support
-is refused with a clear 400 rather than silently ignored.
+Field names and semantics follow OpenAI's API. The sampling fields and their
+bounds are declared once, in :class:`bastion_common.messages.SamplingParams`,
+which the request bodies extend; the worker validates the same model. A field
+this server does not know is refused with a 400 naming it, as OpenAI does, and
+OpenAI fields that would change the answer's shape are accepted only at their
+"off" value: refusing beats silently ignoring them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from bastion_common.errors import InvalidRequestError
-from bastion_common.messages import ChatMessage, SamplingParams
+from bastion_common.messages import ChatMessage, MaxTokens, SamplingParams
 
-MAX_STOP_STRINGS = 4
+MAX_MESSAGES = 1024
+MAX_NAME_CHARS = 256
 M = TypeVar("M", bound=BaseModel)
+_SAMPLING_FIELDS = frozenset(SamplingParams.model_fields)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _must_be_off(value: Any) -> Any:
+    if value not in (None, False, 0, "", [], {}):
+        raise PydanticCustomError(
+            "unsupported_parameter", "this server does not support this parameter"
+        )
+    return value
+
+
+# An OpenAI parameter Bastion does not implement: accepted only when absent,
+# null, false, zero or empty, so that clients sending the default still work.
+Unsupported = Annotated[
+    Any,
+    AfterValidator(_must_be_off),
+    Field(description="Not supported: only null, false, 0 or empty is accepted."),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(_Strict):
+    type: Literal["text"]
 
-    model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+
+class _Common(SamplingParams):
+    """The fields every generation endpoint shares: the sampling parameters
+    (their bounds as the worker checks them) and OpenAI's envelope."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     n: int = Field(1, ge=1, le=1)
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # vLLM's extension: generate max_tokens tokens whatever the model says (benchmarks).
-    ignore_eos: bool = False
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        return value
-
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            stop=tuple(stop),
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
+    response_format: ResponseFormat | None = None
+    tools: Unsupported = None
+    functions: Unsupported = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: Unsupported = None
+    logprobs: Unsupported = None
+    top_logprobs: Unsupported = None
+    logit_bias: Unsupported = None
+    store: Unsupported = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class InMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class InMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -86,14 +100,16 @@ class InMessage(BaseModel):
 
 
 class ChatBody(_Common):
-    messages: list[InMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[InMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: MaxTokens | None = None
 
 
 class CompletionBody(_Common):
     prompt: str | list[str]
     # Return the prompt before the completion, through the same output filter.
     echo: bool = False
+    suffix: Unsupported = None
+    best_of: Literal[1] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -103,19 +119,12 @@ class CompletionBody(_Common):
         return value
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class GenerateBody(SamplingParams):
+    """``/generate``: a prompt and the sampling fields, flat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
     prompt: str
-    model: str | None = Field(None, min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    seed: int | None = None
-
-
-# Parameters that change the answer's shape; refusing beats quietly ignoring them.
-UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "top_logprobs", "suffix", "best_of")
+    model: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,71 +140,83 @@ class Job:
     echo: bool = False
 
 
-def parse_json(raw: bytes) -> dict[str, Any]:
+def validate_body(model: type[M], raw: bytes | str) -> M:
+    """``raw`` (JSON) as ``model``, or an :class:`InvalidRequestError` naming the
+    first bad field. pydantic's JSON parser refuses what Python's ``json`` lets
+    through to fail later: lone surrogates, nesting past a depth limit, and
+    integers too long to convert."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(
-            f"We could not parse the JSON body of your request: {exc}.", code="invalid_json"
-        ) from exc
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
-
-
-def _validate(model: type[M], body: dict[str, Any]) -> M:
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, [], 0):
-            raise InvalidRequestError(
-                f"The parameter '{name}' is not supported by this server.",
-                param=name,
-                code="unsupported_parameter",
-            )
-    try:
-        return model.model_validate(body)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(
-            f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value"
-        ) from exc
+        raise _invalid(exc) from None
 
 
-def chat_job(body: dict[str, Any]) -> Job:
-    req = _validate(ChatBody, body)
+def _invalid(exc: ValidationError) -> InvalidRequestError:
+    first = exc.errors(include_url=False)[0]
+    kind = first["type"]
+    if kind in ("json_invalid", "json_type", "model_type", "model_attributes_type"):
+        message = "We could not parse the JSON body of your request"
+        if kind == "json_invalid":
+            message += f": {first['msg'].removeprefix('Invalid JSON: ')}"
+        return InvalidRequestError(f"{message}. It must be one JSON object.", code="invalid_json")
+    param = ".".join(str(p) for p in first["loc"]) or None
+    if kind == "extra_forbidden":
+        return InvalidRequestError(
+            f"Unrecognized request argument supplied: {param}.",
+            param=param,
+            code="unsupported_parameter",
+        )
+    if kind == "unsupported_parameter":
+        return InvalidRequestError(
+            f"The parameter '{param}' is not supported by this server.",
+            param=param,
+            code="unsupported_parameter",
+        )
+    return InvalidRequestError(
+        f"Invalid value for '{param}': {first['msg']}.", param=param, code="invalid_value"
+    )
+
+
+def _sampling(body: SamplingParams, max_tokens: int | None) -> SamplingParams:
+    """A body's sampling fields, validated by the body's own declaration of
+    them, as the message the worker reads."""
+    values = {name: getattr(body, name) for name in _SAMPLING_FIELDS}
+    return SamplingParams.model_construct(**{**values, "max_tokens": max_tokens})
+
+
+def _include_usage(options: StreamOptions | None) -> bool:
+    return bool(options and options.include_usage)
+
+
+def chat_job(raw: bytes | str) -> Job:
+    req = validate_body(ChatBody, raw)
     return Job(
         endpoint="chat",
         model=req.model,
-        params=req.sampling(req.max_completion_tokens or req.max_tokens),
+        params=_sampling(req, req.max_completion_tokens or req.max_tokens),
         messages=tuple(m.flat() for m in req.messages),
         stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_usage=_include_usage(req.stream_options),
         user=req.user,
     )
 
 
-def completion_job(body: dict[str, Any]) -> Job:
-    req = _validate(CompletionBody, body)
+def completion_job(raw: bytes | str) -> Job:
+    req = validate_body(CompletionBody, raw)
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     return Job(
         endpoint="completion",
         model=req.model,
-        params=req.sampling(req.max_tokens),
+        params=_sampling(req, req.max_tokens),
         prompt=prompt,
         stream=req.stream,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        include_usage=_include_usage(req.stream_options),
         user=req.user,
         echo=req.echo,
     )
 
 
-def generate_job(body: dict[str, Any]) -> Job:
-    req = _validate(GenerateBody, body)
-    params = SamplingParams(
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        stop=tuple(req.stop),
-        seed=req.seed,
-    )
+def generate_job(raw: bytes | str) -> Job:
+    req = validate_body(GenerateBody, raw)
+    params = _sampling(req, req.max_tokens)
     return Job(endpoint="generate", model=req.model, params=params, prompt=req.prompt)

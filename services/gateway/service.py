@@ -202,7 +202,10 @@ class InferenceService:
             async for record in self.broker.results(request):
                 if record.kind == "error":
                     raise from_name(
-                        record.error_type or "", record.error_message or "", record.error_code
+                        record.error_type or "",
+                        record.error_message or "",
+                        record.error_code,
+                        record.error_param,
                     )
                 text = await output.filter(record.text, final=record.kind == "done")
                 if text:

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from bastion_common import keys as K
 from bastion_common.aio import Entries, cancel, group_entries
 from bastion_common.errors import BastionError, InternalError, InvalidRequestError, TimeoutError_
-from bastion_common.messages import GenerationRequest, ResultRecord
+from bastion_common.messages import FIELD, GenerationRequest, ResultRecord
 from bastion_worker.engine import Batch, Engine, Sequence
 from bastion_worker.scheduler import SchedulerConfig, Waiting, admit
 from bastion_worker.settings import WorkerSettings
@@ -67,6 +67,10 @@ COALESCE_GAP_S = 0.002
 COALESCE_BURST_GAP_S = 0.008
 COALESCE_POLL_S = 0.0005
 COALESCE_MAX_S = 0.05
+# A request in this many failed steps fails; below it, it is recomputed alone.
+MAX_STRIKES = 2
+STEP_CODE = "worker_error"
+STEP_FAILED = InternalError("The worker failed while generating this request.", code=STEP_CODE)
 
 
 @dataclass
@@ -81,6 +85,9 @@ class Ticket:
     ttl_set: float = 0.0
     # When this request's text was last published; None before its first token.
     sent_at: float | None = None
+    # Failed steps this request was in: it is then prefilled on its own, and
+    # fails at MAX_STRIKES.
+    strikes: int = 0
 
 
 class Consumer:
@@ -110,7 +117,8 @@ class Consumer:
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         try:
             # Our own unacknowledged entries first (from a previous life), then new ones.
-            await self._take(await self._read("0", count=None, block=None))
+            history = await self._read("0", count=None, block=None)
+            await self._take(history, await self._deliveries(history))
             while not stop.is_set() or self.batch is not None or self.waiting or self._arrived:
                 if time.monotonic() - self._orphans_checked > ORPHAN_CHECK_S and not stop.is_set():
                     await self._adopt_orphans()
@@ -204,12 +212,17 @@ class Consumer:
             if not pending:
                 continue
             ids = [p["message_id"] for p in pending]
+            # The claim is one more delivery.
+            deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in pending}
             claimed: Entries = await self.redis.xclaim(
                 self.stream, K.WORKER_GROUP, self.settings.worker_id, ORPHAN_IDLE_MS, ids
             )
             log.warning("took over %d request(s) from stopped worker %s", len(claimed), name)
             free -= len(claimed)
             for entry_id, fields in claimed:
+                if deliveries.get(entry_id, 1) > self.settings.max_deliveries:
+                    await self._dead_letter(entry_id, fields, deliveries[entry_id])
+                    continue
                 request = await self._parse(entry_id, fields)
                 if request is None:
                     continue
@@ -218,37 +231,91 @@ class Consumer:
                         "The worker serving this request stopped before it finished.",
                         code="worker_lost",
                     )
-                    await self._publish(request, ResultRecord(kind="error", **_error_fields(lost)))
+                    await self._publish(request, ResultRecord.failure(lost))
                     await self._done(entry_id)
                 else:
                     await self._wait(entry_id, request)
 
-    async def _take(self, entries: Entries) -> None:
+    async def _take(self, entries: Entries, deliveries: dict[str, int] | None = None) -> None:
+        """Queue the entries' requests; ``deliveries`` counts how often each was
+        handed out (where it may have been before), and one handed out more
+        than ``max_deliveries`` times is not tried again."""
         for entry_id, fields in entries:
+            count = (deliveries or {}).get(entry_id, 1)
+            if count > self.settings.max_deliveries:
+                await self._dead_letter(entry_id, fields, count)
+                continue
             request = await self._parse(entry_id, fields)
             if request is not None:
                 await self._wait(entry_id, request)
 
+    async def _deliveries(self, entries: Entries) -> dict[str, int]:
+        """How many times each of our own pending ``entries`` has been delivered."""
+        if not entries:
+            return {}
+        pending = await self.redis.xpending_range(
+            self.stream, K.WORKER_GROUP, min=entries[0][0], max=entries[-1][0],
+            count=len(entries), consumername=self.settings.worker_id,
+        )  # fmt: skip
+        return {p["message_id"]: p["times_delivered"] for p in pending}
+
     async def _parse(
         self, entry_id: str, fields: dict[str, str] | None
     ) -> GenerationRequest | None:
-        """The entry's request; None for one that cannot be served (then acknowledged)."""
+        """The entry's request; None for one that cannot be served (then
+        acknowledged, and answered with an error where it says where to)."""
         if not fields:  # the gateway already gave up on it and deleted it
             await self._done(entry_id)
             return None
         try:
             return GenerationRequest.load(fields)
-        except (ValidationError, KeyError):
-            log.error("dropping malformed queue entry %s", entry_id)
-            await self._done(entry_id)
+        except (ValidationError, KeyError) as exc:
+            log.error("refusing malformed queue entry %s: %s", entry_id, _first_error(exc))
+            refused = InvalidRequestError(
+                f"The worker could not read this request: {_first_error(exc)}",
+                code="invalid_request",
+            )
+            await self._answer_unreadable(entry_id, fields, refused)
             return None
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str] | None, count: int) -> None:
+        """A request delivered ``count`` times without an answer (each time, a
+        worker stopped while holding it): answered with an error, counted and
+        never delivered again, as a broker's dead-letter queue would."""
+        log.warning("request entry %s delivered %d times; not tried again", entry_id, count)
+        exhausted = InternalError(
+            f"This request was tried {count} times and every worker that took it stopped; "
+            "it will not be tried again.",
+            code="retries_exhausted",
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.keys.dead_letters, self.model, 1)
+        await pipe.execute()
+        await self._answer_unreadable(entry_id, fields or {}, exhausted)
+
+    async def _answer_unreadable(
+        self, entry_id: str, fields: dict[str, str], error: BastionError
+    ) -> None:
+        """Acknowledge an entry not served, with ``error`` to its gateway where
+        the entry names the request and its result stream."""
+        pipe = self.redis.pipeline(transaction=False)
+        where = _reply_address(fields)
+        if where is not None:
+            request_id, stream = where
+            pipe.xadd(stream, ResultRecord.failure(error).entry(request_id))
+            pipe.expire(stream, K.RESULT_TTL_S)
+        _ack(pipe, self.stream, entry_id)
+        await pipe.execute()
 
     async def _wait(self, entry_id: str, request: GenerationRequest) -> None:
         """Tokenise ``request`` and queue it for admission, or answer it with its error."""
         try:
             seq = self._sequence(request)
-        except BastionError as exc:
-            await self._publish(request, ResultRecord(kind="error", **_error_fields(exc)))
+        except Exception as exc:  # whatever a request's content makes preparing it raise
+            if not isinstance(exc, BastionError):
+                log.exception("preparing request %s failed", request.id)
+                exc = InternalError("The worker could not prepare this request.", code=STEP_CODE)
+            await self._publish(request, ResultRecord.failure(exc))
             await self._done(entry_id)
             return
         self.waiting[request.id] = Ticket(request, entry_id, seq, time.monotonic())
@@ -273,12 +340,41 @@ class Consumer:
                 param="messages" if req.messages is not None else "prompt",
                 code="context_length_exceeded",
             )
+        vocab = lm.model.config.vocab_size
+        if req.params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k may be at most this model's vocabulary size, {vocab}.", param="top_k"
+            )
         wanted = req.params.max_tokens or self.settings.default_max_tokens
         return self.engine.new_sequence(req.id, prompt_ids, req.params, min(wanted, room), stops)
 
     async def _admit_waiting(self) -> None:
         if not self.waiting or (self.batch is not None and not self.batch.joinable):
             return
+        tickets = self._chosen()
+        if not tickets:
+            return
+        suspect = any(t.strikes for t in tickets)
+        if (
+            not suspect
+            and self.batch is not None
+            and self.engine.can_join_in_step(self.batch, [t.seq for t in tickets])
+        ):
+            self.joining += tickets  # prefilled in the next step's own pass
+            self.running.update((t.request.id, t) for t in tickets)
+            return
+        await self._prefill(tickets)
+        # Their first tokens go out with the next step's records, as that step runs.
+
+    def _chosen(self) -> list[Ticket]:
+        """The waiting requests to admit now, taken out of ``waiting``. After a
+        failed step, its requests come back one at a time, so that one whose
+        prefill fails again fails alone."""
+        suspects = [t for t in self.waiting.values() if t.strikes]
+        if suspects:
+            if len(self.running) >= self.config.max_seqs:
+                return []
+            return [self.waiting.pop(suspects[0].request.id)]
         queue = [
             Waiting(t.request.id, _context(t.seq), t.arrived, t.request.priority)
             for t in self.waiting.values()
@@ -286,27 +382,30 @@ class Consumer:
         chosen = self._within_kv_budget(
             admit(queue, len(self.running), time.monotonic(), self.config)
         )
-        tickets = [self.waiting.pop(w.request_id) for w in chosen]
-        if not tickets:
-            return
-        if self.batch is not None and self.engine.can_join_in_step(
-            self.batch, [t.seq for t in tickets]
-        ):
-            self.joining += tickets  # prefilled in the next step's own pass
-            self.running.update((t.request.id, t) for t in tickets)
-            return
+        return [self.waiting.pop(w.request_id) for w in chosen]
+
+    async def _prefill(self, tickets: list[Ticket]) -> None:
+        """Prefill ``tickets`` on their own and join them to the batch. Where the
+        prefill fails, each is tried alone, and only those failing alone fail."""
         try:
             new = await asyncio.to_thread(self.engine.prefill, [t.seq for t in tickets])
         except Exception:
-            log.exception("prefill of %d sequences failed", len(tickets))
-            await self._fail(tickets)
+            log.exception("prefill of %d sequence(s) failed", len(tickets))
+            if len(tickets) == 1:
+                await self._fail(tickets)
+                return
+            for ticket in tickets:
+                await self._prefill([ticket])
             return
         self.running.update((t.request.id, t) for t in tickets)
         if self.batch is None:
             self.batch = new
-        else:
+            return
+        try:
             self.batch = await asyncio.to_thread(self.engine.join, self.batch, new)
-        # Their first tokens go out with the next step's records, as that step runs.
+        except Exception:
+            log.exception("joining %d sequence(s) to the batch failed", len(tickets))
+            await self._recover()
 
     def _within_kv_budget(self, chosen: list[Waiting]) -> list[Waiting]:
         """Drop the last of ``chosen`` until the batch they make fits the KV budget
@@ -339,40 +438,70 @@ class Consumer:
             log.info("preempted %s at %d tokens", victim.request_id, len(victim.output_ids))
 
     async def _step(self, pull: bool) -> None:
+        """Take the last step's output, let finished rows leave, then send it
+        (and read new requests and cancel marks, in the same round trip) while
+        the next step runs: Redis I/O overlaps the forward pass. A failure in
+        the engine is recovered from (:meth:`_recover`); one in Redis ends the loop."""
         batch = self.batch
         assert batch is not None
+        pipe, ended = self._collect()
         try:
-            # Take the last step's output, let finished rows leave, then send it
-            # (and read new requests and cancel marks, in the same round trip)
-            # while the next step runs: Redis I/O overlaps the forward pass.
-            pipe, ended = self._collect()
             self.batch = self.engine.evict(batch)
             self._preempt_over_budget()
-            watched, marks_at = self._watch_cancels(pipe)
-            free = self._free_slots(leaving=len(ended)) if pull else 0
-            read_at = None
-            if free > 0:
-                read_at = len(pipe)  # the reply's place among the pipeline's
-                pipe.xreadgroup(
-                    K.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=free
-                )
-            started = time.monotonic()
-            step = self._start_step()
-            try:
-                marks = await self._send(pipe, ended, read_at, marks_at)
-            finally:
-                if step is not None:
-                    self.batch = await step
-            if pull and time.monotonic() - started >= READ_AFTER_STEP_S:
-                await self._read_arrivals()
-            # After the step: the engine is not touched while it runs.
-            for seq, mark in zip(watched, marks, strict=True):
-                if mark is not None:
-                    self.engine.cancel(seq)
         except Exception:
-            log.exception("batch of %d sequences failed", len(batch.seqs))
-            await self._fail(list(self.running.values()))
-            self.batch = None
+            log.exception("preparing a step of %d sequences failed", len(batch.seqs))
+            await self._send(pipe, ended, None, None)
+            await self._recover()
+            return
+        watched, marks_at = self._watch_cancels(pipe)
+        free = self._free_slots(leaving=len(ended)) if pull else 0
+        read_at = None
+        if free > 0:
+            read_at = len(pipe)  # the reply's place among the pipeline's
+            pipe.xreadgroup(K.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"}, count=free)
+        started = time.monotonic()
+        step = self._start_step()
+        try:
+            marks = await self._send(pipe, ended, read_at, marks_at)
+        finally:
+            stepped = await self._finish_step(step)
+        if pull and time.monotonic() - started >= READ_AFTER_STEP_S:
+            await self._read_arrivals()
+        # After the step: the engine is not touched while it runs.
+        for seq, mark in zip(watched, marks, strict=True):
+            if mark is not None and stepped:
+                self.engine.cancel(seq)
+
+    async def _finish_step(self, step: asyncio.Future[Batch] | None) -> bool:
+        """Wait for the step; False if it failed (and was recovered from)."""
+        if step is None:
+            return True
+        try:
+            self.batch = await step
+        except Exception:
+            log.exception("a step of %d sequences failed", len(self.running))
+            await self._recover()
+            return False
+        return True
+
+    async def _recover(self) -> None:
+        """After a failed step the batch's cache cannot be trusted: drop it and
+        send every running request back to wait, to be recomputed (as
+        preemption does) one at a time, so that one whose prefill fails again
+        fails alone. Each gets a strike; a request at ``MAX_STRIKES`` fails.
+        What a request had sent is neither lost nor repeated."""
+        self.batch, self.joining = None, []
+        failed = []
+        for ticket in list(self.running.values()):
+            del self.running[ticket.request.id]
+            if ticket.seq.published:
+                continue
+            ticket.strikes += 1
+            if ticket.strikes >= MAX_STRIKES:
+                failed.append(ticket)
+            else:
+                self.waiting[ticket.request.id] = ticket
+        await self._fail(failed)
 
     async def _read_arrivals(self) -> None:
         """Read what arrived, up to the free slots (less what was read but not yet taken)."""
@@ -422,7 +551,10 @@ class Consumer:
             if not seq.finished and ticket.sent_at is not None and now - ticket.sent_at < interval:
                 continue  # held back: sent with a later step's text, or with its end
             text = self.engine.take_text(seq)
-            if seq.finished:
+            if seq.finish_reason == "error":
+                failure = seq.failure or "Generation failed."
+                record = ResultRecord.failure(InternalError(failure, code="generation_failed"))
+            elif seq.finished:
                 record = ResultRecord(
                     kind="done",
                     text=text,
@@ -478,14 +610,11 @@ class Consumer:
         marks: list[str | None] = [] if marks_at is None else replies[marks_at]
         return marks
 
-    async def _fail(self, tickets: list[Ticket]) -> None:
-        failure = InternalError("The worker failed while generating.", code="worker_error")
+    async def _fail(self, tickets: list[Ticket], error: BastionError = STEP_FAILED) -> None:
         for ticket in tickets:
             if not ticket.seq.published:
                 ticket.seq.published = True
-                await self._publish(
-                    ticket.request, ResultRecord(kind="error", **_error_fields(failure))
-                )
+                await self._publish(ticket.request, ResultRecord.failure(error))
             self.running.pop(ticket.request.id, None)
             await self._done(ticket.entry_id)
             if ticket.ttl_set:
@@ -513,12 +642,26 @@ def _ack(pipe: aioredis.client.Pipeline, stream: str, entry_id: str) -> None:
     pipe.xdel(stream, entry_id)
 
 
-def _error_fields(exc: BastionError) -> dict[str, str | None]:
-    return {
-        "error_type": type(exc).__name__,
-        "error_message": exc.message,
-        "error_code": exc.code,
-    }
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors(include_url=False)[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return f"missing field {exc}"
+
+
+def _reply_address(fields: dict[str, str]) -> tuple[str, str] | None:
+    """(request id, result stream) of an entry that does not parse as a
+    request, where it holds them."""
+    try:
+        body = json.loads(fields[FIELD])
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    request_id, stream = body.get("id"), body.get("result_stream")
+    if isinstance(request_id, str) and isinstance(stream, str) and request_id and stream:
+        return request_id, stream
+    return None
 
 
 def _context(seq: Sequence) -> int:

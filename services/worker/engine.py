@@ -12,6 +12,7 @@ architecture has one); finished rows leave the batch at once.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,10 @@ from bastion_common.messages import SamplingParams
 from bastion_worker import attention, batching, decode, kvcache
 from bastion_worker.detokenize import IncrementalDetokenizer
 from bastion_worker.loader import LoadedModel
-from bastion_worker.sampling import make_generator, sample
+from bastion_worker.sampling import RowFailure, make_generator, sample
 from bastion_worker.stops import StopMatcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +38,8 @@ class Sequence:
     max_new_tokens: int
     stops: tuple[str, ...]
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    failure: str | None = None  # why, when finish_reason is "error"
     pending_text: str = ""  # released by detokeniser and stop matcher, not yet published
     published: bool = False  # the final record went out
     detok: IncrementalDetokenizer | None = None
@@ -276,9 +280,23 @@ class Engine:
         )
         next_tokens = batch.last_tokens.tolist()
         for row, token in zip(live, chosen, strict=True):
+            seq = batch.seqs[row]
+            if isinstance(token, RowFailure):
+                self.fail(seq, str(token))
+                continue  # the row keeps its last token until it leaves the batch
             next_tokens[row] = token
-            self._accept(batch.seqs[row], token)
+            try:
+                self._accept(seq, token)
+            except Exception as exc:  # detokenising or stop matching this row's text
+                log.exception("accepting a token for %s failed", seq.request_id)
+                self.fail(seq, f"decoding the output failed: {type(exc).__name__}")
         batch.last_tokens = torch.tensor(next_tokens, device=batch.last_tokens.device)
+
+    @staticmethod
+    def fail(seq: Sequence, why: str) -> None:
+        """End ``seq`` with an error; the rest of its batch goes on."""
+        if not seq.finished:
+            seq.finish_reason, seq.failure = "error", why
 
     def _accept(self, seq: Sequence, token: int) -> None:
         assert seq.detok is not None and seq.stopper is not None

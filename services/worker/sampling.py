@@ -1,13 +1,28 @@
 """Choosing the next token for each row of a batch, each with its own parameters:
 temperature, top-k, top-p, a seed, and OpenAI's presence and frequency
 penalties (over generated tokens) and the repetition penalty (over prompt and
-generated tokens, as transformers applies it)."""
+generated tokens, as transformers applies it).
+
+A row whose logits are not finite, or whose sampling fails, gets a
+:class:`RowFailure` in place of its token; the other rows are unaffected.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from bastion_common.messages import SamplingParams
+
+# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE: dividing by
+# less makes large logits overflow to inf (vLLM clamps at the same value).
+MIN_TEMPERATURE = 0.01
+log = logging.getLogger(__name__)
+
+
+class RowFailure(Exception):
+    """One row could not be sampled; only its request fails."""
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -44,9 +59,11 @@ def sample_row(
     generator: torch.Generator | None,
 ) -> int:
     if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
-    if params.top_k:
+        best = int(torch.argmax(logits))
+        _finite(logits[best])
+        return best
+    logits = logits.float() / max(params.temperature, MIN_TEMPERATURE)
+    if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -63,8 +80,16 @@ def sample_row(
 CHUNK = 1024  # vocabulary entries per chunk in greedy()'s first pass
 
 
-def greedy(logits: torch.Tensor) -> list[int]:  # logits: [B, V]
-    """Each row's highest-scoring token, the first of tied ones (as ``argmax``).
+def _finite(value: torch.Tensor) -> None:
+    """Raise for a NaN or infinite best logit: ``max`` and ``argmax`` propagate
+    NaN, and an infinite one means the row's arithmetic overflowed."""
+    if not bool(torch.isfinite(value)):
+        raise RowFailure("the model's scores for this request were not finite numbers")
+
+
+def greedy(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:  # logits: [B, V]
+    """Each row's highest-scoring token, the first of tied ones (as ``argmax``),
+    and its score ([B]).
 
     Over a large vocabulary in two passes: the best chunk of :data:`CHUNK`
     entries by ``amax`` (which keeps no indices), then the best entry inside
@@ -74,11 +99,12 @@ def greedy(logits: torch.Tensor) -> list[int]:  # logits: [B, V]
     ``argmax()`` does, and 4x faster than it on bf16: it is the fallback."""
     rows, vocab = logits.shape
     if vocab % CHUNK or vocab < 8 * CHUNK:
-        return list(logits.max(dim=-1).indices.tolist())
+        values, indices = logits.max(dim=-1)
+        return list(indices.tolist()), values
     chunks = logits.reshape(rows, -1, CHUNK)
     best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the row's max
-    inside = chunks[torch.arange(rows, device=logits.device), best].max(dim=-1).indices
-    return list((best * CHUNK + inside).tolist())
+    values, inside = chunks[torch.arange(rows, device=logits.device), best].max(dim=-1)
+    return list((best * CHUNK + inside).tolist()), values
 
 
 def sample(
@@ -86,10 +112,23 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     histories: list[tuple[list[int], list[int]]],  # (prompt ids, output ids) per row
-) -> list[int]:
-    chosen = greedy(logits)  # plain greedy rows, all at once
+) -> list[int | RowFailure]:
+    """Each row's next token, or the :class:`RowFailure` that row ran into."""
+    greedy_ids, best = greedy(logits)  # plain greedy rows, all at once
+    finite = torch.isfinite(best).tolist()  # [B]
+    chosen: list[int | RowFailure] = []
     for i, p in enumerate(params):
-        if p.temperature != 0.0 or p.penalised:
-            row = penalise(logits[i], p, *histories[i]) if p.penalised else logits[i]
-            chosen[i] = sample_row(row, p, generators[i])
-    return [int(c) for c in chosen]
+        try:
+            if p.temperature != 0.0 or p.penalised:
+                row = penalise(logits[i], p, *histories[i]) if p.penalised else logits[i]
+                chosen.append(sample_row(row, p, generators[i]))
+            elif finite[i]:
+                chosen.append(int(greedy_ids[i]))
+            else:
+                _finite(best[i])
+        except RowFailure as exc:
+            chosen.append(exc)
+        except Exception as exc:  # torch refusing this row's numbers (multinomial), or a bug
+            log.exception("sampling a row failed")
+            chosen.append(RowFailure(f"sampling failed: {type(exc).__name__}"))
+    return chosen

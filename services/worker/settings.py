@@ -51,6 +51,10 @@ class WorkerSettings(CommonSettings):
     # Used when a request gives no max_tokens (still capped by the context).
     default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)
+    # A request handed to workers this many times without an answer (each
+    # time, the worker holding it stopped) is answered with an error instead
+    # of being tried again: a dead-letter queue's redelivery limit.
+    max_deliveries: int = Field(2, ge=1, le=100)
     # CPU threads for torch; unset: the fewest that make a decode step nearly as
     # fast as the most would, timed at start-up (threads.py).
     torch_threads: int | None = Field(None, ge=1)
