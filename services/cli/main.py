@@ -16,6 +16,7 @@ from bastion_common.settings import JwtSettings
 from bastion_common.tokens import mint
 
 READY_TIMEOUT_S = 600.0
+SUPERVISE_EVERY_S = 0.5
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -101,7 +102,7 @@ def _redis(url: str, data_dir: Path) -> Iterator[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bastion_auditor.settings import AuditorSettings
-    from bastion_cli.stack import Stack
+    from bastion_cli.stack import Stack, Supervisor
     from bastion_common import logs
     from bastion_common.tls import ensure_local_tls
 
@@ -151,9 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 audience=settings.jwt_audience,
             )
             _print_welcome(stack.gateway_url, Path(model_path).name, token, tls.ca_cert)
-            while True:
-                stack.check_alive()
-                time.sleep(1.0)
+            supervisor = Supervisor(stack)
+            while True:  # until Ctrl-C or SIGTERM
+                supervisor.poll()
+                time.sleep(SUPERVISE_EVERY_S)
         except KeyboardInterrupt:
             print("\nStopping Bastion...", flush=True)
         except (RuntimeError, TimeoutError) as exc:

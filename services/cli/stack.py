@@ -5,6 +5,7 @@ tests, so both exercise the same start-up path."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,10 @@ from typing import IO
 
 SERVICES = ("guard", "auditor", "worker", "gateway")
 STOP_GRACE_S = 15.0
+# The status a service exits with when it refuses its settings (an invalid
+# value, an option this machine cannot run): restarting cannot help.
+CONFIG_EXIT = 2
+log = logging.getLogger("bastion.supervisor")
 # BASTION_CPU_NICE of every service but the worker, where the environment sets
 # none: the forward passes come first on a machine they share
 # (bastion_common.priority). Tiny model, 2 cores, two platforms alternated in
@@ -84,6 +89,8 @@ class Stack:
     ca_file: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    # How each service was started: its module and extra environment.
+    _specs: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def gateway_url(self) -> str:
@@ -105,6 +112,7 @@ class Stack:
     ) -> None:
         """Start service ``module`` (default: ``name``) under ``name``."""
         module = module or name
+        self._specs[name] = (module, dict(extra or {}))
         defaults = {} if module == "worker" else {"BASTION_CPU_NICE": FRONT_NICE}
         env = {**defaults, **os.environ, **self.env, **(extra or {})}
         out: IO[bytes] | None = None
@@ -119,6 +127,11 @@ class Stack:
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only the launcher
         )
+
+    def restart(self, name: str) -> None:
+        """Start ``name`` again as it was started last (after it exited)."""
+        module, extra = self._specs[name]
+        self.start_one(name, extra, module)
 
     def wait_ready(self, timeout_s: float, base_url: str | None = None) -> None:
         """Poll a gateway's /readyz (by default the stack's) until it says ready, or raise."""
@@ -162,3 +175,58 @@ class Stack:
         for out in self._logs:
             out.close()
         self._logs.clear()
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+@dataclass
+class Supervisor:
+    """Restarts the stack's services when they exit, as systemd's
+    ``Restart=on-failure`` does: after ``first_delay_s``, doubling for each
+    restart in a row up to ``max_delay_s``; a service that ran ``stable_s``
+    before it exited starts again from the first delay. A service exiting with
+    :data:`CONFIG_EXIT` refused its configuration: :meth:`poll` raises, and the
+    platform stops (systemd's ``RestartPreventExitStatus``)."""
+
+    stack: Stack
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    stable_s: float = 60.0
+    restarts: dict[str, int] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)  # name -> when it starts again
+    _delay: dict[str, float] = field(default_factory=dict)  # name -> its next delay
+    _started: dict[str, float] = field(default_factory=dict)
+
+    def poll(self) -> None:
+        """Note services that exited and start those whose delay has passed."""
+        now = time.monotonic()
+        for name, proc in self.stack.procs.items():
+            self._started.setdefault(name, now)
+            code = proc.poll()
+            if code is None or name in self._due:
+                continue
+            if code == CONFIG_EXIT:
+                raise RuntimeError(
+                    f"service {name} {describe_exit(code)}: it refused its configuration "
+                    "(see its log), so it is not restarted"
+                )
+            if now - self._started[name] >= self.stable_s:
+                self._delay.pop(name, None)
+            delay = self._delay.get(name, self.first_delay_s)
+            self._delay[name] = min(delay * 2, self.max_delay_s)
+            self._due[name] = now + delay
+            log.warning("service %s %s; restarting it in %.0f s", name, describe_exit(code), delay)
+        for name, due in list(self._due.items()):
+            if now >= due:
+                del self._due[name]
+                self.stack.restart(name)
+                self._started[name] = time.monotonic()
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                log.info("service %s restarted (restart %d)", name, self.restarts[name])
