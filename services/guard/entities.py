@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import ipaddress
 import json
 import re
@@ -48,12 +49,23 @@ _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])"
 )
-_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@]*$")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}\Z")
+_AUTHORITY = re.compile(r"[^\s/@]*")
+
+
+def _in_userinfo(text: str, at: int) -> bool:
+    """Whether position ``at`` is inside a URL's user part (``scheme://user@``),
+    where an address-like string is a login, not an email: looked for in the
+    200 characters before it, each read once."""
+    sep = text.rfind("://", max(0, at - 200), at)
+    if sep == -1 or not _AUTHORITY.fullmatch(text, sep + 3, at):
+        return False
+    return _SCHEME.search(text, max(0, sep - 32), sep) is not None
 
 
 def _emails(text: str) -> Iterator[tuple[int, int]]:
     for m in _EMAIL.finditer(text):
-        if not _USERINFO.search(text, max(0, m.start() - 200), m.start()):
+        if not _in_userinfo(text, m.start()):
             yield m.span()
 
 
@@ -194,10 +206,31 @@ _TOKENS = re.compile(
         ]
     )
 )
-_PEM = re.compile(
-    r"-----BEGIN ((?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY)-----.*?-----END \1-----",
-    re.DOTALL,
-)
+_PEM_TYPE = r"((?:RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY)"
+_PEM_BEGIN = re.compile(rf"-----BEGIN {_PEM_TYPE}-----")
+_PEM_END = re.compile(rf"-----END {_PEM_TYPE}-----")
+# The longest private key block looked for: an RSA-8192 key is about 6.3 KB.
+PEM_MAX = 16384
+
+
+def _pems(text: str) -> Iterator[tuple[int, int]]:
+    """BEGIN to the first END of the same type, within PEM_MAX characters:
+    the markers found in one pass each and paired by position (a lazy
+    ``.*?`` between them would rescan the text after every BEGIN)."""
+    ends: dict[str, list[int]] = {}
+    for m in _PEM_END.finditer(text):
+        ends.setdefault(m.group(1), []).append(m.start())
+    resume = 0
+    for m in _PEM_BEGIN.finditer(text):
+        if m.start() < resume:
+            continue
+        kind_ends = ends.get(m.group(1), [])
+        i = bisect.bisect_left(kind_ends, m.end())
+        if i < len(kind_ends) and kind_ends[i] - m.start() <= PEM_MAX:
+            resume = kind_ends[i] + len(f"-----END {m.group(1)}-----")
+            yield m.start(), resume
+
+
 _URI_PASSWORD = re.compile(
     r"(?i)\b(?:postgres(?:ql)?|mysql|mongodb(?:\+srv)?|rediss?|amqps?)://[^\s:/@]*:([^\s@/]+)@"
 )
@@ -205,12 +238,18 @@ _KV_PASSWORD = re.compile(r"(?i)(?<![A-Za-z0-9_])(?:password|pwd)\s*=\s*([^;\s'\
 _PLACEHOLDER = re.compile(r"^(?:\$\{.*\}|\$[A-Z_]+|<.*>|\*+|\.+|x+|X+|\{\{.*\}\}|%\(.*\)s)$")
 
 
+_TOKEN_PREFIXES = ("AKIA", "ASIA", "gh", "sk-", "xox", "AIza")
+
+
 def _secrets(text: str) -> Iterator[tuple[int, int]]:
-    for m in _TOKENS.finditer(text):
-        yield m.span()
-    for m in _PEM.finditer(text):
-        yield m.span()
-    for pattern in (_URI_PASSWORD, _KV_PASSWORD):
+    if any(prefix in text for prefix in _TOKEN_PREFIXES):
+        for m in _TOKENS.finditer(text):
+            yield m.span()
+    if "-----BEGIN" in text:
+        yield from _pems(text)
+    for pattern, needs in ((_URI_PASSWORD, "://"), (_KV_PASSWORD, "=")):
+        if needs not in text:
+            continue
         for m in pattern.finditer(text):
             if not _PLACEHOLDER.match(m.group(1)):
                 yield m.span(1)
@@ -234,31 +273,57 @@ def _jwt_ok(value: str) -> bool:
     return isinstance(decoded, dict) and "alg" in decoded and _b64json(payload) is not None
 
 
-# Priority order: the earlier type wins an overlap.
-FINDERS: tuple[tuple[str, Finder], ...] = (
-    ("SECRET", _secrets),
-    ("JWT", _spans(_JWT, _jwt_ok)),
-    ("EMAIL", _emails),
-    ("IBAN", _ibans),
-    ("CN_ID", _spans(_CN_ID, _cn_id_ok)),
-    ("CREDIT_CARD", _spans(_CARD, _card_ok)),
-    ("US_SSN", _ssns),
-    ("PHONE", _spans(_PHONE_BOUNDED, _phone_ok)),
-    ("IP_ADDRESS", _ipv6),  # before IPv4: ::ffff:198.51.100.7 is one address
-    ("IP_ADDRESS", _spans(_IPV4, lambda _: True)),
+# Priority order: the earlier type wins an overlap. Each finder runs only where
+# the text holds one of its literals (a substring test, much cheaper than a scan).
+_DIGITS = tuple("0123456789")
+FINDERS: tuple[tuple[str, tuple[str, ...], Finder], ...] = (
+    ("SECRET", ("",), _secrets),
+    ("JWT", ("eyJ",), _spans(_JWT, _jwt_ok)),
+    ("EMAIL", ("@",), _emails),
+    ("IBAN", _DIGITS, _ibans),
+    ("CN_ID", _DIGITS, _spans(_CN_ID, _cn_id_ok)),
+    ("CREDIT_CARD", _DIGITS, _spans(_CARD, _card_ok)),
+    ("US_SSN", _DIGITS, _ssns),
+    ("PHONE", _DIGITS, _spans(_PHONE_BOUNDED, _phone_ok)),
+    ("IP_ADDRESS", (":",), _ipv6),  # before IPv4: ::ffff:198.51.100.7 is one address
+    ("IP_ADDRESS", _DIGITS, _spans(_IPV4, lambda _: True)),
 )
 # Digit groups inside an IBAN-shaped token (valid or not) belong to that token.
 _INSIDE_IBAN_SHAPE = frozenset({"PHONE", "CREDIT_CARD", "US_SSN", "CN_ID"})
-TYPES = tuple(dict.fromkeys(t for t, _ in FINDERS))
+TYPES = tuple(dict.fromkeys(t for t, _, _ in FINDERS))
+
+
+class _Marks:
+    """Which characters of a text some span covers: overlap checks in time
+    linear in the span's length, however many spans there are."""
+
+    def __init__(self, size: int) -> None:
+        self._covered = bytearray(size)
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self._covered.find(1, start, end) != -1
+
+    def add(self, start: int, end: int) -> None:
+        self._covered[start:end] = b"\x01" * (end - start)
 
 
 def find_entities(text: str) -> list[Entity]:
     taken: list[Entity] = []
-    iban_shapes = [m.span() for m in _IBAN.finditer(text)]
-    for kind, finder in FINDERS:
+    covered = _Marks(len(text))
+    iban_shapes = _Marks(len(text))
+    has: dict[tuple[str, ...], bool] = {}
+    for kind, needs, finder in FINDERS:
+        if needs not in has:
+            has[needs] = any(literal in text for literal in needs)
+        if not has[needs]:
+            continue
+        if kind == "IBAN":
+            for m in _IBAN.finditer(text):
+                iban_shapes.add(*m.span())
         for start, end in finder(text):
-            if kind in _INSIDE_IBAN_SHAPE and any(s < end and start < e for s, e in iban_shapes):
+            if kind in _INSIDE_IBAN_SHAPE and iban_shapes.overlaps(start, end):
                 continue
-            if all(end <= e.start or start >= e.end for e in taken):
+            if not covered.overlaps(start, end):
+                covered.add(start, end)
                 taken.append(Entity(kind, start, end))
     return sorted(taken, key=lambda e: e.start)

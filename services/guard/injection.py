@@ -10,23 +10,32 @@ repetition flooding, many-shot fake dialogues and exfiltration links.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass
 
+from bastion_guard import patterns
 from bastion_guard.views import views
 
 IC = re.IGNORECASE
+
+
+def _rule(pattern: str, flags: int = 0) -> str:
+    """A rule's pattern as RE2 reads it (:mod:`bastion_guard.patterns`)."""
+    return ("(?i)" if flags & IC else "") + patterns.translate(pattern)
+
+
 _ANY = r"(?:all|any|every|the|your|my|these|those|of|previous|prior|earlier|above|original|system|safety|other)"
 _PRIOR = rf"(?:\s+{_ANY}){{0,4}}"
 _RULES_EN = r"(?:instructions?|rules|directions|guidelines|guidance|prompts?|settings|constraints|polic(?:y|ies)|programming|directives|tasks?|requests?|everything)"
 
-RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
+RULES: tuple[tuple[str, float, str], ...] = (
     # Instruction override
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             rf"\b(?:ignore|disregard|forget|override|bypass|skip|drop|abandon|discard|(?:set|put|throw)\s+(?:aside|away|out))\b{_PRIOR}\s+{_RULES_EN}\b",
             IC,
         ),
@@ -34,7 +43,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             r"\bforget\s+(?:everything|all)\b.{0,40}\b(?:told|given|said|operator|instructions?)",
             IC,
         ),
@@ -42,7 +51,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "instruction_override",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:stop|quit|no\s+longer)\s+(?:following|obeying)\s+(?:your|the|all|any)\s+(?:\w+\s+)?(?:instructions|programming|rules|guidelines)|\bobey\s+only\s+me\b",
             IC,
         ),
@@ -50,7 +59,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:new|updated|real)\s+(?:instructions?|directives?|orders?)\s+(?:from|by)\s+(?:the\s+)?(?:admin\w*|developer|system|operator|owner)",
             IC,
         ),
@@ -58,7 +67,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:system|admin|developer)\s+override\b|\boverride\s+accepted\b|\bprevious\s+system\s+message\s+is\s+(?:deprecated|void|cancelled)",
             IC,
         ),
@@ -66,32 +75,32 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "instruction_override",
         0.8,
-        re.compile(r"\bignore\s+the\s+(?:translation|summar\w*|user'?s?)\s+(?:task|request)", IC),
+        _rule(r"\bignore\s+the\s+(?:translation|summar\w*|user'?s?)\s+(?:task|request)", IC),
     ),
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             r"(?:忽略|无视|忽视|忘记|忘掉|不要理会|无需理会|無視|忽略掉)[^。\n]{0,12}(?:指令|指示|规则|規則|设定|設定|提示|限制|约束|要求|任务|安排)"
         ),
     ),
     (
         "instruction_override",
         0.9,
-        re.compile(
+        _rule(
             r"(?:以上|之前|前面|上述)[^。\n]{0,8}(?:内容|規則|规则|指令|设定)[^。\n]{0,4}(?:全部|都|均)?(?:作废|作廢|失效|无效)"
         ),
     ),
     (
         "instruction_override",
         0.8,
-        re.compile(r"(?:新的|最高优先级|最高優先級)[^。\n]{0,6}(?:指令|命令)"),
+        _rule(r"(?:新的|最高优先级|最高優先級)[^。\n]{0,6}(?:指令|命令)"),
     ),
     # System prompt extraction
     (
         "system_prompt_extraction",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:reveal|print|show|repeat|output|display|dump|give|tell|share|leak|disclose)\b[^.\n]{0,40}\b(?:system\s+prompt|hidden\s+(?:rules|instructions|prompt)|initial\s+(?:instructions|configuration|prompt)|developer\s+(?:message|instructions)|(?:secret|internal)\s+rules)",
             IC,
         ),
@@ -99,12 +108,12 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "system_prompt_extraction",
         0.9,
-        re.compile(r"\brepeat\s+(?:the\s+)?(?:text|words|everything)\s+above\b", IC),
+        _rule(r"\brepeat\s+(?:the\s+)?(?:text|words|everything)\s+above\b", IC),
     ),
     (
         "system_prompt_extraction",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:what|which)\s+(?:were|are)\s+(?:the\s+)?(?:exact\s+)?instructions\s+you\s+(?:were|have\s+been)\s+given",
             IC,
         ),
@@ -112,14 +121,14 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "system_prompt_extraction",
         0.9,
-        re.compile(
+        _rule(
             r"(?:系统提示|系統提示|隐藏指令|隱藏指令|开发者写的|开发者指令|初始指令|系统设定)[^。\n]{0,20}(?:复述|輸出|输出|告诉|告訴|给我|列出|逐字|原文|完整|一字不差)|(?:复述|輸出|输出|告诉我|逐字输出|显示)[^。\n]{0,20}(?:系统提示|系統提示|隐藏指令|隱藏指令|开发者写的规则|开发者指令|初始指令)"
         ),
     ),
     (
         "system_prompt_leak",
         0.9,
-        re.compile(
+        _rule(
             r"\bhere\s+is\s+my\s+(?:system\s+prompt|(?:hidden|secret|initial)\s+instructions)|\bmy\s+system\s+prompt\s+(?:is|reads)\b",
             IC,
         ),
@@ -127,13 +136,13 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "system_prompt_leak",
         0.9,
-        re.compile(r"以下是我的(?:系统提示词|系统提示|系統提示詞|隐藏指令)"),
+        _rule(r"以下是我的(?:系统提示词|系统提示|系統提示詞|隐藏指令)"),
     ),
     # Role-play jailbreaks
     (
         "roleplay_jailbreak",
         0.9,
-        re.compile(
+        _rule(
             r"\bdo\s+anything\s+now\b|\bjailbr(?:eak|oken)\b|\bunrestricted\s+mode\b|\bgod\s+mode\b",
             IC,
         ),
@@ -142,14 +151,14 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.9,
-        re.compile(
+        _rule(
             r"(?:(?i:you\s+are|act\s+as|you're|stay|as)|是|扮演)\s*(?:(?i:now|going\s+to\s+act\s+as)\s+)?DAN\b"
         ),
     ),
     (
         "roleplay_jailbreak",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:enable|enter|activate|switch\s+(?:on|to)|turn\s+on)\s+(?:the\s+)?developer\s+mode\b|\bin\s+developer\s+mode,?\s+you\b",
             IC,
         ),
@@ -157,7 +166,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be|from\s+now\s+on|respond\s+as|role-?play\s+as)\b[^\n]{0,200}\b(?:no\s+(?:restrictions|limits|limitations|rules|filters|boundaries|guidelines)|unfiltered|uncensored|never\s+refuses?|avoid\s+norms)\b",
             IC,
         ),
@@ -165,7 +174,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:without|free\s+(?:of|from)|freed\s+from|no\s+longer\s+(?:bound|restricted)\s+by)\s+(?:any\s+|all\s+)?(?:the\s+typical\s+)?(?:restrictions|limits|limitations|rules|filters|confines|content\s+polic(?:y|ies)|guidelines|safety)",
             IC,
         ),
@@ -173,7 +182,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:never|won'?t\s+ever|can\s+never)\s+refus(?:e|es|ing)\b|\bstay\s+in\s+character\b|\bbreak\s+character\b",
             IC,
         ),
@@ -181,7 +190,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.7,
-        re.compile(
+        _rule(
             r"\bact\s+as\s+my\s+(?:late|deceased|dead)\s+\w+|\bpretend\s+(?:that\s+)?(?:the\s+)?(?:safety|content)\s+polic(?:y|ies)\s+(?:does|do)\s+not\s+exist",
             IC,
         ),
@@ -189,7 +198,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "roleplay_jailbreak",
         0.9,
-        re.compile(
+        _rule(
             r"开发者模式|開發者模式|(?:没有|沒有|不受)(?:任何)?(?:道德|规则|規則|限制|约束|約束)|摆脱了?(?:所有)?(?:的)?(?:限制|约束)|(?:永远|从不|從不|绝不)(?:不会)?拒绝|我从不拒绝"
         ),
     ),
@@ -197,7 +206,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "secret_exfiltration",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:list|print|show|paste|give|output|fetch|dump|send|export|reveal|email|tell\s+me|provide|read\s+out)\b[^.\n]{0,50}\b(?:every|all|full|complete|unmasked|the)\b[^.\n]{0,30}\b(?:api\s+keys?|(?:access|api|auth|bearer|bot|session|refresh|github|slack)\s+tokens?|passwords?|credentials|secrets|environment\s+variables?|connection\s+strings?|customer\s+(?:list|accounts)|salar(?:y|ies)|patient\s+(?:names|records))",
             IC,
         ),
@@ -205,7 +214,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "secret_exfiltration",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:paste|send|give|share)\b[^.\n]{0,40}\b(?:github|slack|aws|api|bot|access)\s+(?:token|key)s?\b",
             IC,
         ),
@@ -213,30 +222,30 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "secret_exfiltration",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:fetch|get|read)\b[^.\n]{0,30}\bpassword\b[^.\n]{0,60}\b(?:link|url|image)\b", IC
         ),
     ),
     (
         "secret_exfiltration",
         0.8,
-        re.compile(
+        _rule(
             r"(?:列出|输出|給我|给我|发给我|導出|导出|原样輸出|原样输出|发送到|发到)[^。\n]{0,30}(?:密钥|令牌|密码|密碼|连接串|环境变量|手机号|身份证号|帳號|账号|客户资料|验证码|對話記錄|对话记录)"
         ),
     ),
     (
         "secret_exfiltration",
         0.8,
-        re.compile(
+        _rule(
             r"(?:所有|全部|每一个)[^。\n]{0,20}(?:密钥|令牌|密码|密碼|连接串|环境变量)[^。\n]{0,20}(?:列出|输出|給我|给我|发给|导出|貼出|贴出)"
         ),
     ),
-    ("secret_exfiltration", 0.4, re.compile(r"(?:不要打码|不用打码)")),
+    ("secret_exfiltration", 0.4, _rule(r"(?:不要打码|不用打码)")),
     # Instructions addressed to an AI from inside a document
     (
         "indirect_injection",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:note|message|instructions?)\s+(?:to|for)\s+(?:the\s+|any\s+)?(?:next\s+)?(?:ai|llm|assistant|agent|model|language\s+model|screening\s+tool)\b",
             IC,
         ),
@@ -244,7 +253,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "indirect_injection",
         0.9,
-        re.compile(
+        _rule(
             r"\b(?:ai|llm)\s+(?:assistants?|models?|agents?|code\s+reviewers?|reviewers?|screening\s+tools?|systems?)\s*(?:(?:reading|processing|parsing|summari[sz]ing|reviewing)\s+this[^:\n]{0,20}|[:,])",
             IC,
         ),
@@ -252,20 +261,20 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "indirect_injection",
         0.8,
-        re.compile(
+        _rule(
             r"\b(?:if\s+you\s+are\s+an?\s+(?:ai|llm|language\s+model)|assistant,\s+ignore)\b", IC
         ),
     ),
     (
         "indirect_injection",
         0.9,
-        re.compile(r"(?:AI|ai)\s*(?:助手)?\s*请注意|致[^。\n]{0,10}AI\s*助手|给\s*AI\s*的指令"),
+        _rule(r"(?:AI|ai)\s*(?:助手)?\s*请注意|致[^。\n]{0,10}AI\s*助手|给\s*AI\s*的指令"),
     ),
     # Payload splitting
     (
         "payload_splitting",
         0.7,
-        re.compile(
+        _rule(
             r"\b(?:join|concatenate|combine|evaluate|put\s+together)\b[^.\n]{0,60}\b(?:follow|execute|do\s+(?:exactly\s+)?what|obey|run|perform|carry\s+out)\b",
             IC,
         ),
@@ -273,13 +282,13 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "payload_splitting",
         0.7,
-        re.compile(r"(?:拼起来|拼接|连起来|連起來|合并)[^。\n]{0,20}(?:执行|照做|照着|當作|当作)"),
+        _rule(r"(?:拼起来|拼接|连起来|連起來|合并)[^。\n]{0,20}(?:执行|照做|照着|當作|当作)"),
     ),
     # Decode-and-obey requests
     (
         "encoded_payload",
         0.4,
-        re.compile(
+        _rule(
             r"\b(?:decode|decrypt|translate)\b[^.\n]{0,40}\b(?:follow|execute|obey|do\s+what|apply|run|carry\s+out)\b|(?:解码|解碼)[^。\n]{0,20}(?:执行|照做)",
             IC,
         ),
@@ -288,7 +297,7 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "subverted_output",
         0.9,
-        re.compile(
+        _rule(
             r"\bdeveloper\s+mode\s+(?:enabled|output)|\bjailbreak\s+(?:successful|enabled)|\bi\s+am\s+now\s+(?:free|unrestricted)|开发者模式已开启",
             IC,
         ),
@@ -296,132 +305,18 @@ RULES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
 )
 
 
-# Each rule is gated by literals it cannot match without (derived from its
-# pattern once, at import): a rule whose words are absent costs a substring
-# check instead of a regex scan. A pattern the derivation cannot read is
-# never gated.
-_LITERAL = re.compile(r"[A-Za-z'\u4e00-\u9fff\u3000-\u303f\uff00-\uffef]+")
-_GAP = re.compile(r"\\s\+|\\s(?![*?])| ")  # not \\s* or \\s?: the space may be absent
+# Every rule in one pass over each view.
+RULE_SET = patterns.RuleSet(pattern for _, _, pattern in RULES)
 
 
-def _split_top(p: str) -> list[str]:
-    depth, parts, cur, i = 0, [], "", 0
-    while i < len(p):
-        c = p[i]
-        if c == "\\":
-            cur += p[i : i + 2]
-            i += 2
-            continue
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            parts.append(cur)
-            cur = ""
-            i += 1
-            continue
-        elif c == "[":
-            j = p.index("]", i + 1)
-            cur += p[i : j + 1]
-            i = j + 1
-            continue
-        cur += c
-        i += 1
-    parts.append(cur)
-    return parts
-
-
-def _leading(alt: str) -> list[str] | None:
-    """Literals one of which must appear wherever this alternative matches."""
-    a = alt
-    while True:
-        if a.startswith("\\b"):
-            a = a[2:]
-            continue
-        if a.startswith("(?i:") or a.startswith("(?:"):
-            # group at start: find its end
-            depth = 0
-            for j, c in enumerate(a):
-                if c == "(" and (j == 0 or a[j - 1] != "\\"):
-                    depth += 1
-                elif c == ")" and a[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        break
-            inner = a[a.index(":") + 1 : j]
-            rest = a[j + 1 :]
-            if rest.startswith("?") or rest.startswith("*") or rest.startswith("{0"):
-                return None
-            return _any_of(inner)
-        break
-    phrase = ""
-    while True:
-        m = _LITERAL.match(a)
-        if not m:
-            break
-        word, a = m.group(), a[m.end() :]
-        if a[:1] in ("?", "*", "{"):  # a quantifier makes the last character optional
-            phrase += word[:-1]
-            break
-        phrase += word
-        gap = _GAP.match(a)
-        if gap is None or not _LITERAL.match(a[gap.end() :]):
-            break
-        phrase, a = phrase + " ", a[gap.end() :]
-    return [phrase.lower()] if phrase else None
-
-
-def _any_of(alternation: str) -> list[str] | None:
-    """The literals of every top-level alternative, or None if one has none."""
-    kws: list[str] = []
-    for alt in _split_top(alternation):
-        k = _leading(alt)
-        if k is None:
-            return None
-        kws += k
-    return kws
-
-
-def _keywords(pattern: str) -> tuple[str, ...] | None:
-    kws = _any_of(pattern)
-    return None if kws is None else tuple(sorted(set(kws)))
-
-
-# Where the derivation is too loose ("as" before "DAN"), a rule names its own gate.
-_GATE_OVERRIDES = {
-    RULES[i][2].pattern: ("dan",) for i, r in enumerate(RULES) if "DAN\\b" in r[2].pattern
-}
-
-
-def _compiled_gate(gate: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """ASCII literals must start a word (so they are matched with a leading
-    space); CJK literals, which have no word boundaries, match anywhere."""
-    if gate is None:
-        return None
-    return tuple(f" {k}" if k.isascii() else k for k in gate)
-
-
-GATED = tuple(
-    (
-        kind,
-        score,
-        rule,
-        _compiled_gate(_GATE_OVERRIDES.get(rule.pattern) or _keywords(rule.pattern)),
-    )
-    for kind, score, rule in RULES
+_TAG_CHARS = patterns.compile("[\U000e0020-\U000e007e]")
+_EXFIL_LINK = patterns.compile(r"!?\[[^\]]*\]\((https?://[^)\s]+[?&][^)\s]*=[^)\s]*)\)")
+_TURN = patterns.compile(
+    r"^(?:user|human|assistant|ai|用户|助手|客户|客服)\s*[:：]", ignore_case=True, multiline=True
 )
-_WORDS = re.compile(r"[^a-z0-9'\u3000-\u9fff\uff00-\uffef]+")
 
 
-def _gate_open(gate: tuple[str, ...] | None, words: str) -> bool:
-    """Whether a rule may match ``words`` (the view lower-cased, word-separated)."""
-    return gate is None or any(k in words for k in gate)
-
-
-_TAG_CHARS = re.compile("[\U000e0020-\U000e007e]")
-_EXFIL_LINK = re.compile(r"!?\[[^\]]*\]\((https?://[^)\s]+[?&][^)\s]*=[^)\s]*)\)")
-_TURN = re.compile(r"^(?:user|human|assistant|ai|用户|助手|客户|客服)\s*[:：]", IC | re.MULTILINE)
+MANY_SHOT_TURNS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +339,7 @@ def _structural(text: str) -> list[Finding]:
         _, count = trigrams.most_common(1)[0]
         if count >= 8 and count * 3 / len(words) > 0.5:
             found.append(Finding("flooding.repeated_phrase", 0.8, "visible"))
-    if len(_TURN.findall(text)) >= 6:
+    if sum(1 for _ in itertools.islice(_TURN.finditer(text), MANY_SHOT_TURNS)) == MANY_SHOT_TURNS:
         found.append(Finding("flooding.many_shot_dialogue", 0.8, "visible"))
     if _EXFIL_LINK.search(text):
         found.append(Finding("exfiltration.link_with_data", 0.8, "visible"))
@@ -456,12 +351,11 @@ def detect(text: str, visible: str | None = None) -> list[Finding]:
     findings = _structural(text)
     seen: set[str] = set()
     for name, view in views(text, visible):
-        words = " " + _WORDS.sub(" ", view.lower())
-        for kind, score, rule, gate in GATED:
-            if kind in seen or not _gate_open(gate, words):
-                continue
-            # One finding per kind: the first view (the plainest reading) that shows it.
-            if rule.search(view):
+        for i in RULE_SET.matching(patterns.spaces(view)):
+            kind, score, _ = RULES[i]
+            # One finding per kind: the first view (the plainest reading) that
+            # shows it, and the first rule of that kind (in RULES' order).
+            if kind not in seen:
                 seen.add(kind)
                 findings.append(Finding(f"injection.{kind}", score, name))
     if _TAG_CHARS.search(text):

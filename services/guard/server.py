@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import redis.asyncio as aioredis
@@ -23,6 +27,12 @@ from bastion_guard.settings import GuardSettings
 log = logging.getLogger(__name__)
 SERVICE_NAME = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name
 OUTPUT_SCAN_CHARS = 16384
+# Text longer than this is analysed on a thread of a small pool, so that the
+# event loop goes on serving every other request (RE2 releases the GIL while it
+# scans); shorter text costs less than the hop to a thread.
+INLINE_CHARS = 8192
+ANALYSIS_THREADS = 2
+T = TypeVar("T")
 _VERDICTS = {
     "allow": guard_pb2.VERDICT_ALLOW,
     "flag": guard_pb2.VERDICT_FLAG,
@@ -44,12 +54,12 @@ class OutputFilter:
         self._redactor = redactor
         self._rules = rules
         self._seen: dict[str, int] = {}
-        self._released: list[str] = []
+        self._tail = ""  # the last OUTPUT_SCAN_CHARS released, scanned at the end
 
     def feed(self, chunk: guard_pb2.OutputChunk) -> guard_pb2.FilteredChunk:
         redactor = self._redactor
         text = redactor.feed(chunk.text, final=chunk.final)
-        self._released.append(text)
+        self._tail = (self._tail + text)[-OUTPUT_SCAN_CHARS:]
         findings = [
             guard_pb2.Finding(
                 kind=f"pii.{label}", score=1.0, detail=str(n - self._seen.get(label, 0))
@@ -61,8 +71,8 @@ class OutputFilter:
         if chunk.final:
             # A subverted answer (a leaked system prompt, an exfiltration link)
             # is reported with the stream's end, for the audit record.
-            output = "".join(self._released)[-OUTPUT_SCAN_CHARS:]
-            findings.extend(_findings(analyse(output, "output", with_entities=False), self._rules))
+            result = analyse(self._tail, "output", with_entities=False)
+            findings.extend(_findings(result, self._rules))
         return guard_pb2.FilteredChunk(
             text=text, findings=findings, final=chunk.final, request_id=chunk.request_id
         )
@@ -74,11 +84,40 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         self._baseline = baseline
         self._policy = settings.policy()
         self._pseudonym_key = settings.guard_pseudonym_key()
+        self._threads = ThreadPoolExecutor(ANALYSIS_THREADS, "analysis")
+
+    async def _run(self, size: int, work: Callable[[], T]) -> T:
+        """``work()``, on the analysis threads if ``size`` characters call for it."""
+        if size <= INLINE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._threads, work)
 
     async def CheckInput(
         self, request: guard_pb2.CheckInputRequest, context: grpc.aio.ServicerContext
     ) -> guard_pb2.CheckInputResponse:
         rules = self._policy.guard(request.tenant)
+        size = sum(len(segment.text) for segment in request.segments)
+        findings, sanitised, removed = await self._run(size, lambda: self._check(request, rules))
+        anomaly = await self._size_anomaly(request, rules)
+        if anomaly:
+            findings.append(guard_pb2.Finding(kind="anomaly.tenant_size", score=anomaly))
+        verdict = _VERDICTS[decide(((f.kind, f.score) for f in findings), rules)]
+        log.info(
+            "check_input request=%s verdict=%s findings=%s",
+            request.request_id,
+            guard_pb2.Verdict.Name(verdict),
+            ",".join(f.kind for f in findings) or "-",
+        )
+        return guard_pb2.CheckInputResponse(
+            verdict=verdict, sanitised=sanitised, findings=findings, removed_characters=removed
+        )
+
+    @staticmethod
+    def _check(
+        request: guard_pb2.CheckInputRequest, rules: GuardRules
+    ) -> tuple[list[guard_pb2.Finding], list[guard_pb2.Segment], int]:
+        """Each segment sanitised and analysed: findings, sanitised segments and
+        how many characters were removed."""
         findings: list[guard_pb2.Finding] = []
         sanitised: list[guard_pb2.Segment] = []
         removed = 0
@@ -96,19 +135,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             result = analyse(segment.text, "input", with_entities=False, visible=clean.text)
             findings.extend(_findings(result, rules))
             sanitised.append(guard_pb2.Segment(role=segment.role, text=clean.text))
-        size = await self._size_anomaly(request, rules)
-        if size:
-            findings.append(guard_pb2.Finding(kind="anomaly.tenant_size", score=size))
-        verdict = _VERDICTS[decide(((f.kind, f.score) for f in findings), rules)]
-        log.info(
-            "check_input request=%s verdict=%s findings=%s",
-            request.request_id,
-            guard_pb2.Verdict.Name(verdict),
-            ",".join(f.kind for f in findings) or "-",
-        )
-        return guard_pb2.CheckInputResponse(
-            verdict=verdict, sanitised=sanitised, findings=findings, removed_characters=removed
-        )
+        return findings, sanitised, removed
 
     async def FilterOutput(
         self,
@@ -119,7 +146,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         async for chunk in request_iterator:
             if response is None:
                 response = self._output_filter(chunk.tenant)
-            yield response.feed(chunk)
+            yield await self._run(len(chunk.text), functools.partial(response.feed, chunk))
             if chunk.final:
                 return
 
@@ -130,20 +157,26 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     ) -> AsyncIterator[guard_pb2.FilteredBatch]:
         responses: dict[str, OutputFilter] = {}  # live for as long as this call
         async for batch in request_iterator:
-            replies = []
-            for chunk in batch.chunks:
-                rid = chunk.request_id
-                if chunk.abandon:
-                    responses.pop(rid, None)
-                    replies.append(guard_pb2.FilteredChunk(request_id=rid, final=True))
-                    continue
-                response = responses.get(rid)
-                if response is None:
-                    response = responses[rid] = self._output_filter(chunk.tenant)
-                replies.append(response.feed(chunk))
-                if chunk.final:
-                    del responses[rid]
-            yield guard_pb2.FilteredBatch(chunks=replies)
+            size = sum(len(chunk.text) for chunk in batch.chunks)
+            yield await self._run(size, functools.partial(self._filter_batch, batch, responses))
+
+    def _filter_batch(
+        self, batch: guard_pb2.OutputBatch, responses: dict[str, OutputFilter]
+    ) -> guard_pb2.FilteredBatch:
+        replies = []
+        for chunk in batch.chunks:
+            rid = chunk.request_id
+            if chunk.abandon:
+                responses.pop(rid, None)
+                replies.append(guard_pb2.FilteredChunk(request_id=rid, final=True))
+                continue
+            response = responses.get(rid)
+            if response is None:
+                response = responses[rid] = self._output_filter(chunk.tenant)
+            replies.append(response.feed(chunk))
+            if chunk.final:
+                del responses[rid]
+        return guard_pb2.FilteredBatch(chunks=replies)
 
     def _output_filter(self, tenant: str) -> OutputFilter:
         rules = self._policy.guard(tenant)

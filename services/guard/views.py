@@ -22,6 +22,11 @@ _CONFUSABLES = str.maketrans(
     "ABEKMHOPCTXaeopcyxiIjJsSdhlqwABEZHIKMNOPTYXaeiknoptux",
 )
 _LEET = str.maketrans("4@3105$7", "aaeioSst".lower())
+# Python's re here, each pattern linear as written: a match is one maximal run
+# of a character class (nothing after it can fail and make it back up), or is
+# bounded ({1,80}, {3,20}); so a run is read once, or at most a bounded stretch
+# from each start. (RE2 is linear too, but costs about 9 us more per match in
+# Python, and text can hold tens of thousands of matches.)
 _DISGUISED = re.compile(
     # Greek, Cyrillic, full-width letters and digits (not the full-width
     # punctuation ordinary Chinese text uses), mathematical alphanumerics.
@@ -30,8 +35,10 @@ _DISGUISED = re.compile(
 _TAGS = re.compile("[\U000e0020-\U000e007e]+")
 _BIDI_RUN = re.compile("\u202e([^\u202a-\u202e\u2066-\u2069]*)")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+# Starts only at a word boundary, and backs up at most over its own run.
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){8,}\b")
 _PERCENT = re.compile(r"(?:%[0-9A-Fa-f]{2}){3,}[^\s]*")
+_ROT13 = re.compile(r"(?i)rot-?13")
 
 
 def skeleton(text: str) -> str:
@@ -40,9 +47,10 @@ def skeleton(text: str) -> str:
 
 
 # Lower-case words of letters and leet digits only, with a digit between letters
-# ("f0rg3t"); mixed-case runs such as base64 are not leetspeak.
+# ("f0rg3t"); mixed-case runs such as base64 are not leetspeak. Every quantifier
+# is bounded, so each try reads 21 characters at most.
 _LEET_WORD = re.compile(
-    r"(?<![\w@$])(?=[a-z0134578@$]*[a-z][0134578@$]+[a-z])[a-z0134578@$]{3,20}(?![\w@$])"
+    r"(?<![\w@$])(?=[a-z0134578@$]{0,18}[a-z][0134578@$]{1,18}[a-z])[a-z0134578@$]{3,20}(?![\w@$])"
 )
 
 
@@ -80,7 +88,7 @@ def decoded_payloads(text: str) -> Iterator[str]:
             yield decoded
     for m in _PERCENT.finditer(text):
         yield urllib.parse.unquote(m.group())
-    if re.search(r"(?i)rot-?13", text):
+    if _ROT13.search(text):
         yield codecs.decode(text, "rot13")
 
 

@@ -58,3 +58,55 @@ def test_redaction_styles():
     assert one == redact(text, Redactor("pseudonym", b"tenant-a"))[0]
     assert one != redact(text, Redactor("pseudonym", b"tenant-b"))[0]
     assert one.startswith("mail [EMAIL_")
+
+
+def _jwt(payload_chars):
+    import base64
+    import json
+
+    def part(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part({'sub': 'x' * payload_chars})}.{'s' * 342}"
+
+
+def _streamed(text, size, **kwargs):
+    redactor = StreamRedactor(**kwargs)
+    chunks = [text[i : i + size] for i in range(0, len(text), size)]
+    out = [redactor.feed(c) for c in chunks] + [redactor.feed("", final=True)]
+    return out, redactor.found
+
+
+def test_a_jwt_longer_than_the_old_hold_back_is_held_until_it_ends():
+    token = _jwt(2000)
+    assert len(token) > 2500
+    out, found = _streamed(f"your token: {token} keep it safe", 7)
+    assert "".join(out) == "your token: [JWT] keep it safe"
+    assert not any(token[:20] in piece or token[-20:] in piece for piece in out)
+    assert found == {"JWT": 1}
+
+
+def test_a_run_past_the_hold_back_is_redacted_whole_and_its_rest_dropped():
+    secret = "Zq9" * 700  # 2,100 characters with no end in sight at 512
+    out, found = _streamed(f"here: {secret} and then more text", 5, max_holdback=512)
+    assert "".join(out) == "here: [LONG_TOKEN] and then more text"
+    assert not any("Zq9" in piece for piece in out)
+    assert found == {"LONG_TOKEN": 1}
+
+
+def test_a_pem_block_open_past_its_bound_is_redacted_whole():
+    from bastion_guard.entities import PEM_MAX
+
+    body = ("MIIEpAIBAAKCAQEA" * 4 + "\n") * (PEM_MAX // 60)
+    pem = f"-----BEGIN RSA PRIVATE KEY-----\n{body}-----END RSA PRIVATE KEY-----"
+    out, found = _streamed(f"key:\n{pem}\nbye", 50)
+    assert "".join(out) == "key:\n[SECRET]\nbye"
+    assert not any("MIIE" in piece for piece in out)
+    assert found == {"SECRET": 1}
+
+
+def test_the_keep_style_reports_a_long_run_and_lets_it_through():
+    secret = "Zq9" * 300
+    out, found = _streamed(f"a {secret} b", 64, max_holdback=256, redactor=Redactor("keep"))
+    assert "".join(out) == f"a {secret} b"
+    assert found == {"LONG_TOKEN": 1}
