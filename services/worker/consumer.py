@@ -35,8 +35,8 @@ from bastion_common import keys as K
 from bastion_common.aio import Entries, cancel, group_entries
 from bastion_common.errors import BastionError, InternalError, InvalidRequestError, TimeoutError_
 from bastion_common.messages import FIELD, GenerationRequest, ResultRecord
-from bastion_worker.engine import Batch, Engine, Sequence
-from bastion_worker.scheduler import SchedulerConfig, Waiting, admit
+from bastion_worker.engine import Batch, Engine, Sequence, Step
+from bastion_worker.scheduler import ChunkSizer, SchedulerConfig, Waiting, admit
 from bastion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,22 @@ class Consumer:
         self.keys = settings.keys
         self.model = settings.served_name
         self.stream = self.keys.requests(self.model)
-        self.config = SchedulerConfig(settings.max_batch_size, settings.prefill_budget)
+        self.config = SchedulerConfig(
+            max_seqs=settings.max_batch_size,
+            prefill_budget=settings.prefill_budget,
+            long_prompt=settings.long_prompt_tokens,
+        )
         self.waiting: dict[str, Ticket] = {}
         self.running: dict[str, Ticket] = {}
         self.batch: Batch | None = None
         self.joining: list[Ticket] = []  # admitted, prefilled in the next step's pass
+        # A long prompt being prefilled in chunks beside the decode steps, and
+        # one whose prefill is complete but waits for the batch to take rows.
+        self.chunking: Ticket | None = None
+        self.ready: Batch | None = None
+        self.chunks = ChunkSizer(settings.prefill_budget)
         self._cancels_checked = 0.0
+        self._chunk_tokens = 0  # the size of the chunk in the step under way
         self._orphans_checked = 0.0
         self.preemptions = 0
         self.orphan_checks = 0
@@ -119,20 +129,25 @@ class Consumer:
             # Our own unacknowledged entries first (from a previous life), then new ones.
             history = await self._read("0", count=None, block=None)
             await self._take(history, await self._deliveries(history))
-            while not stop.is_set() or self.batch is not None or self.waiting or self._arrived:
+            while not stop.is_set() or self._busy or self.waiting or self._arrived:
                 if time.monotonic() - self._orphans_checked > ORPHAN_CHECK_S and not stop.is_set():
                     await self._adopt_orphans()
                     self._orphans_checked = time.monotonic()
-                if self.batch is None and not stop.is_set():
+                if not self._busy and not stop.is_set():
                     await self._pull()  # while a batch runs, each step's round trip reads
                 arrived, self._arrived = self._arrived, []
                 await self._take(arrived)
                 await self._admit_waiting()
-                if self.batch is not None:
+                if self._busy:
                     await self._step(pull=not stop.is_set())
         finally:
             await cancel(heartbeat)
             await self.redis.delete(self.keys.worker(self.model, self.settings.worker_id))
+
+    @property
+    def _busy(self) -> bool:
+        """Whether there are steps to run."""
+        return self.batch is not None or self.chunking is not None or self.ready is not None
 
     async def _ensure_group(self) -> None:
         try:
@@ -163,7 +178,7 @@ class Consumer:
         free = self._free_slots()
         if free <= 0:
             return
-        idle = self.batch is None and not self.waiting
+        idle = not self._busy and not self.waiting
         await self._take(await self._read(">", count=free, block=READ_BLOCK_MS if idle else None))
         if idle and self.waiting:
             await self._gather_burst()
@@ -352,6 +367,10 @@ class Consumer:
         if not self.waiting or (self.batch is not None and not self.batch.joinable):
             return
         tickets = self._chosen()
+        long = [t for t in tickets if _context(t.seq) > self.config.long_prompt]
+        if long:  # a suspect, alone: prefilled in chunks like any long prompt
+            self._start_chunking(long[0])
+            return
         if not tickets:
             return
         suspect = any(t.strikes for t in tickets)
@@ -379,10 +398,17 @@ class Consumer:
             Waiting(t.request.id, _context(t.seq), t.arrived, t.request.priority)
             for t in self.waiting.values()
         ]
-        chosen = self._within_kv_budget(
-            admit(queue, len(self.running), time.monotonic(), self.config)
-        )
+        chunking = self.chunking is not None or self.ready is not None
+        admission = admit(queue, len(self.running), time.monotonic(), self.config, chunking)
+        if admission.chunked is not None:
+            self._start_chunking(self.waiting.pop(admission.chunked.request_id))
+        chosen = self._within_kv_budget(admission.whole)
         return [self.waiting.pop(w.request_id) for w in chosen]
+
+    def _start_chunking(self, ticket: Ticket) -> None:
+        """Prefill ``ticket`` in chunks, beside the decode steps, from the next step on."""
+        self.chunking = ticket
+        self.running[ticket.request.id] = ticket
 
     async def _prefill(self, tickets: list[Ticket]) -> None:
         """Prefill ``tickets`` on their own and join them to the batch. Where the
@@ -442,14 +468,15 @@ class Consumer:
         (and read new requests and cancel marks, in the same round trip) while
         the next step runs: Redis I/O overlaps the forward pass. A failure in
         the engine is recovered from (:meth:`_recover`); one in Redis ends the loop."""
-        batch = self.batch
-        assert batch is not None
         pipe, ended = self._collect()
         try:
-            self.batch = self.engine.evict(batch)
+            if self.batch is not None:
+                self.batch = self.engine.evict(self.batch)
+            if self.batch is None and self.ready is not None:
+                self.batch, self.ready = self.ready, None
             self._preempt_over_budget()
         except Exception:
-            log.exception("preparing a step of %d sequences failed", len(batch.seqs))
+            log.exception("preparing a step of %d sequences failed", len(self.running))
             await self._send(pipe, ended, None, None)
             await self._recover()
             return
@@ -471,18 +498,42 @@ class Consumer:
         for seq, mark in zip(watched, marks, strict=True):
             if mark is not None and stepped:
                 self.engine.cancel(seq)
+        if self.chunking is not None and self.chunking.seq.finished:  # cancelled
+            await self._end_chunking()
 
-    async def _finish_step(self, step: asyncio.Future[Batch] | None) -> bool:
+    async def _finish_step(self, step: asyncio.Future[Step] | None) -> bool:
         """Wait for the step; False if it failed (and was recovered from)."""
         if step is None:
             return True
         try:
-            self.batch = await step
+            result = await step
         except Exception:
             log.exception("a step of %d sequences failed", len(self.running))
             await self._recover()
             return False
+        self.batch = result.batch
+        if result.decode_s is not None:
+            self.chunks.observe_decode(result.decode_s)
+        if result.chunk_s is not None and self.chunking is not None:
+            self.chunks.observe_chunk(self._chunk_tokens, result.chunk_s)
+        if result.chunk_failure is not None and self.chunking is not None:
+            log.error("a chunk of %s's prefill failed", self.chunking.request.id,
+                      exc_info=result.chunk_failure)  # fmt: skip
+            await self._fail([self.chunking])
+            self.chunking = None
+        elif result.chunk_done:
+            self.chunking, self.ready = None, result.ready
         return True
+
+    async def _end_chunking(self) -> None:
+        """Answer a request cancelled while its prompt was being prefilled in chunks."""
+        ticket, self.chunking = self.chunking, None
+        assert ticket is not None
+        self.engine.drop_part(ticket.seq)
+        ticket.seq.published = True
+        await self._publish(ticket.request, _final_record(ticket.seq, ""))
+        self.running.pop(ticket.request.id, None)
+        await self._done(ticket.entry_id)
 
     async def _recover(self) -> None:
         """After a failed step the batch's cache cannot be trusted: drop it and
@@ -490,7 +541,10 @@ class Consumer:
         preemption does) one at a time, so that one whose prefill fails again
         fails alone. Each gets a strike; a request at ``MAX_STRIKES`` fails.
         What a request had sent is neither lost nor repeated."""
-        self.batch, self.joining = None, []
+        self.batch, self.joining, self.ready = None, [], None
+        if self.chunking is not None:
+            self.engine.drop_part(self.chunking.seq)
+            self.chunking = None
         failed = []
         for ticket in list(self.running.values()):
             del self.running[ticket.request.id]
@@ -509,25 +563,29 @@ class Consumer:
         if free > 0:
             self._arrived += await self._read(">", count=free, block=None)
 
-    def _start_step(self) -> asyncio.Future[Batch] | None:
-        """The next forward pass, in the engine's thread: a decode step, which
-        also prefills and joins the sequences waiting to join; or, when every
-        running row has left, their prefill alone."""
+    def _start_step(self) -> asyncio.Future[Step] | None:
+        """The next step, in the engine's thread (:meth:`Engine.step`): a decode
+        step, which also prefills and joins the sequences waiting to join (or,
+        when every running row has left, their prefill alone), and the next
+        chunk of a long prompt's prefill."""
         joining, self.joining = [t.seq for t in self.joining], []
-        batch = self.batch
-        if batch is None and joining:
-            return asyncio.ensure_future(asyncio.to_thread(self.engine.prefill, joining))
-        if batch is not None and (joining or not batch.done):
-            return asyncio.ensure_future(asyncio.to_thread(self.engine.decode_step, batch, joining))
-        return None
+        batch, chunk = self.batch, None if self.chunking is None else self.chunking.seq
+        decoding = batch is not None and not batch.done
+        if not (joining or decoding or chunk is not None):
+            return None
+        self._chunk_tokens = self.chunks.size(decoding)
+        step = asyncio.to_thread(self.engine.step, batch, joining, chunk, self._chunk_tokens)
+        return asyncio.ensure_future(step)
 
     def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> tuple[list[Sequence], int | None]:
         """Every ``CANCEL_CHECK_S``, queue a read of the live sequences' cancel
         marks; those sequences, and the read's place in the pipeline."""
-        if self.batch is None or time.monotonic() - self._cancels_checked <= CANCEL_CHECK_S:
+        if not self._busy or time.monotonic() - self._cancels_checked <= CANCEL_CHECK_S:
             return [], None
         self._cancels_checked = time.monotonic()
-        live = [s for s in self.batch.seqs if not s.finished]
+        live = [] if self.batch is None else [s for s in self.batch.seqs if not s.finished]
+        if self.chunking is not None:
+            live.append(self.chunking.seq)
         if not live:
             return [], None
         pipe.mget([self.running[s.request_id].request.cancel_key for s in live])
@@ -537,10 +595,11 @@ class Consumer:
         """Queue every running sequence's new text, or its final record if it
         ended (then it counts as published), on a pipeline not yet sent: one
         entry per gateway result stream, a field per request."""
-        assert self.batch is not None
         pipe = self.redis.pipeline(transaction=False)
         ended: list[Ticket] = []
         entries: dict[str, dict[str, str]] = {}
+        if self.batch is None:
+            return pipe, ended
         now = time.monotonic()
         rate = self.settings.stream_records_per_s
         interval = len(self.batch.seqs) / rate if rate else 0.0
@@ -551,17 +610,8 @@ class Consumer:
             if not seq.finished and ticket.sent_at is not None and now - ticket.sent_at < interval:
                 continue  # held back: sent with a later step's text, or with its end
             text = self.engine.take_text(seq)
-            if seq.finish_reason == "error":
-                failure = seq.failure or "Generation failed."
-                record = ResultRecord.failure(InternalError(failure, code="generation_failed"))
-            elif seq.finished:
-                record = ResultRecord(
-                    kind="done",
-                    text=text,
-                    finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-                    prompt_tokens=len(seq.prompt_ids),
-                    completion_tokens=len(seq.output_ids),
-                )
+            if seq.finished:
+                record = _final_record(seq, text)
             elif text:
                 record = ResultRecord(kind="token", text=text)
                 ticket.sent_at = now
@@ -666,4 +716,18 @@ def _reply_address(fields: dict[str, str]) -> tuple[str, str] | None:
 
 def _context(seq: Sequence) -> int:
     """Tokens a (re)prefill of ``seq`` covers: its prompt and what it has generated."""
-    return len(seq.prompt_ids) + len(seq.output_ids)
+    return seq.context_length
+
+
+def _final_record(seq: Sequence, text: str) -> ResultRecord:
+    """The record that ends a finished sequence's answer, with its last ``text``."""
+    if seq.finish_reason == "error":
+        failure = seq.failure or "Generation failed."
+        return ResultRecord.failure(InternalError(failure, code="generation_failed"))
+    return ResultRecord(
+        kind="done",
+        text=text,
+        finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+        prompt_tokens=len(seq.prompt_ids),
+        completion_tokens=len(seq.output_ids),
+    )

@@ -13,6 +13,7 @@ architecture has one); finished rows leave the batch at once.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +46,31 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None
     stopper: StopMatcher | None = None
     generator: torch.Generator | None = None
+    # Chunked prefill (:meth:`Engine.prefill_part`): context positions in
+    # ``partial``, this sequence's own cache, until the whole context is in.
+    prefilled: int = 0
+    partial: DynamicCache | None = None
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a (re)prefill covers: the prompt and what was generated."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class Step:
+    """What one call of :meth:`Engine.step` did."""
+
+    batch: Batch | None  # the running batch after the step
+    chunk_done: bool = False  # the chunked sequence's prefill is complete
+    ready: Batch | None = None  # ... but the batch takes no rows: it waits
+    chunk_failure: Exception | None = None  # the chunk raised; it fails alone
+    decode_s: float | None = None  # a plain decode step's time
+    chunk_s: float | None = None  # the chunk's time
 
 
 @dataclass
@@ -141,6 +163,82 @@ class Engine:
         batch = Batch(seqs, cache, mask, positions[:, -1], ids[:, -1])
         self._advance(batch, out.logits[:, -1, :])
         return batch
+
+    def step(
+        self,
+        batch: Batch | None,
+        joining: list[Sequence],
+        chunk: Sequence | None = None,
+        chunk_tokens: int = 0,
+    ) -> Step:
+        """One step: decode a token for each row of ``batch``, prefilling
+        ``joining`` in the same pass (or on their own when there is no batch),
+        then the next ``chunk_tokens`` positions of ``chunk``'s prefill, which
+        joins the batch once complete if the batch can take rows. An exception
+        in the chunk is returned, not raised, and ends only that sequence."""
+        result = Step(batch)
+        started = time.perf_counter()
+        if batch is None and joining:
+            result.batch = self.prefill(joining)
+        elif batch is not None and (joining or not batch.done):
+            result.batch = self.decode_step(batch, joining)
+            if not joining:
+                result.decode_s = time.perf_counter() - started
+        if chunk is None or chunk.finished:
+            return result
+        started = time.perf_counter()
+        try:
+            done = self.prefill_part(chunk, chunk_tokens)
+        except Exception as exc:
+            self.drop_part(chunk)
+            result.chunk_failure = exc
+            return result
+        result.chunk_s = time.perf_counter() - started
+        if done is not None:
+            result.chunk_done = True
+            if result.batch is None:
+                result.batch = done
+            elif result.batch.joinable:
+                result.batch = self.join(result.batch, done)
+            else:
+                result.ready = done
+        return result
+
+    @torch.inference_mode()
+    def prefill_part(self, seq: Sequence, tokens: int) -> Batch | None:
+        """Prefill the next ``tokens`` positions of ``seq``'s context into its
+        own cache, attending to the positions before them: chunked prefill,
+        so that a long prompt is taken in pieces between decode steps instead
+        of in one pass that stalls them. Returns None until the last piece,
+        then a one-row batch with the first token sampled, ready to join."""
+        context = seq.prompt_ids + seq.output_ids
+        start, end = seq.prefilled, min(len(context), seq.prefilled + tokens)
+        if seq.partial is None:
+            seq.partial = kvcache.new_cache(self.lm.model.config)
+        device = self.lm.device
+        ids = torch.tensor([context[start:end]], device=device)  # [1, n]
+        positions = torch.arange(start, end, device=device)[None]  # [1, n]
+        mask = torch.ones((1, end), dtype=torch.long, device=device)  # [1, T]
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=seq.partial,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.prefilled = end
+        if end < len(context):
+            return None
+        batch = Batch([seq], seq.partial, mask, positions[:, -1], ids[:, -1])
+        seq.partial, seq.prefilled = None, 0
+        self._advance(batch, out.logits[:, -1, :])
+        return batch
+
+    @staticmethod
+    def drop_part(seq: Sequence) -> None:
+        """Forget a chunked prefill in progress (it starts over if resumed)."""
+        seq.partial, seq.prefilled = None, 0
 
     def can_join_in_step(self, batch: Batch, seqs: list[Sequence]) -> bool:
         """Whether :meth:`decode_step` can prefill ``seqs`` in its own pass and join them."""

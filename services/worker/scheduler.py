@@ -1,17 +1,21 @@
-"""Which waiting requests join the running batch at the next step. Pure
-Python, no torch: the policy is unit-tested on its own.
+"""Which waiting requests join the running batch at the next step, and how
+much of a long prompt to prefill in it. Pure Python, no torch: the policy is
+unit-tested on its own.
 
 - At most ``max_seqs`` sequences run at once.
-- The prompt tokens prefilled in one step stay within ``prefill_budget``, so a
-  burst of long prompts does not stall the sequences already decoding; a
-  single prompt longer than the budget still gets in when the batch is empty.
+- The prompt tokens prefilled whole in one step stay within
+  ``prefill_budget``, so a burst of prompts does not stall the sequences
+  already decoding. A prompt longer than ``long_prompt`` is prefilled in
+  chunks instead, one such prompt at a time, beside the decode steps
+  (chunked prefill, as in vLLM and TGI, whose ``long_prefill_token_threshold``
+  this is); :class:`ChunkSizer` sizes the chunks.
 - Order is by priority, then arrival (FCFS); waiting raises a request's
   effective priority by one level per ``aging_s`` seconds, so nothing starves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,13 @@ class SchedulerConfig:
     max_seqs: int = 8
     prefill_budget: int = 2048
     aging_s: float = 10.0
+    long_prompt: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    whole: list[Waiting] = field(default_factory=list)  # prefilled whole, in order
+    chunked: Waiting | None = None  # prefilled in chunks from now on
 
 
 def order(waiting: list[Waiting], now: float, config: SchedulerConfig) -> list[Waiting]:
@@ -37,17 +48,65 @@ def order(waiting: list[Waiting], now: float, config: SchedulerConfig) -> list[W
 
 
 def admit(
-    waiting: list[Waiting], running: int, now: float, config: SchedulerConfig
-) -> list[Waiting]:
-    """The requests to prefill and join now, in order."""
-    chosen: list[Waiting] = []
+    waiting: list[Waiting],
+    running: int,
+    now: float,
+    config: SchedulerConfig,
+    chunking: bool = False,
+) -> Admission:
+    """The requests to start now. ``chunking``: a chunked prefill is under way
+    already, so a long prompt waits (and nothing overtakes it)."""
+    whole: list[Waiting] = []
+    chunked: Waiting | None = None
     budget = config.prefill_budget
     for w in order(waiting, now, config):
-        if running + len(chosen) >= config.max_seqs:
+        if running + len(whole) + (chunked is not None) >= config.max_seqs:
             break
-        alone = running == 0 and not chosen
-        if w.prompt_tokens > budget and not alone:
-            break  # keep the order: nothing overtakes the request at the head
-        chosen.append(w)
+        if w.prompt_tokens > config.long_prompt:
+            if chunking or chunked is not None:
+                break  # keep the order: nothing overtakes the request at the head
+            chunked = w
+            continue
+        if w.prompt_tokens > budget:
+            break
+        whole.append(w)
         budget -= w.prompt_tokens
-    return chosen
+    return Admission(whole, chunked)
+
+
+# A chunk takes about this many times as long as the decode step beside it, so
+# that a step with a chunk lasts about twice a plain one.
+CHUNK_TIME_RATIO = 1.0
+SMOOTHING = 0.3  # weight of the newest measurement in the running averages
+
+
+@dataclass
+class ChunkSizer:
+    """How many positions of a long prompt to prefill in the next step: about
+    as long as the decode step beside it takes, from running averages of both
+    (a chunk's cost per position grows with the positions before it), at
+    least ``least`` and at most ``budget``; the whole budget when nothing is
+    decoding, as there is no stream to hold up."""
+
+    budget: int
+    least: int = 16
+    decode_s: float | None = None
+    position_s: float | None = None
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_s = _average(self.decode_s, seconds)
+
+    def observe_chunk(self, positions: int, seconds: float) -> None:
+        self.position_s = _average(self.position_s, seconds / max(1, positions))
+
+    def size(self, decoding: bool) -> int:
+        if not decoding:
+            return self.budget
+        if self.decode_s is None or self.position_s is None:
+            return self.least
+        wanted = int(CHUNK_TIME_RATIO * self.decode_s / self.position_s)
+        return max(self.least, min(self.budget, wanted))
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - SMOOTHING) * old + SMOOTHING * new

@@ -33,9 +33,13 @@ class WorkerSettings(CommonSettings):
     # off elsewhere.
     compile: Literal["auto"] | bool = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
-    # Prompt tokens prefilled in one step while others decode (a longer prompt
-    # still runs when the batch is empty).
-    prefill_budget: int = Field(2048, ge=1)
+    # Prompt tokens prefilled in one step while others decode, and the largest
+    # chunk of a long prompt.
+    prefill_budget: int = Field(2048, ge=16)
+    # A prompt longer than this is prefilled in chunks, beside the decode steps,
+    # each chunk taking about as long as a decode step (scheduler.ChunkSizer),
+    # so that it does not stall the running streams.
+    long_prompt_tokens: int = Field(512, ge=1)
     # Most cached positions (rows x width, padding included) the batch may hold;
     # past it the newest, lowest-priority sequence is preempted and resumed
     # later by recomputation. 0: no limit.

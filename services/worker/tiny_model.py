@@ -25,8 +25,10 @@ CORPUS = (
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def build(target: Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Write the tiny model to ``target`` (if it is not already there) and return it."""
+def build(target: Path, *, seed: int = 0, vocab_size: int = 512, context: int = 1024) -> Path:
+    """Write the tiny model to ``target`` (if it is not already there) and return
+    it; ``context`` is its context length in tokens (positions are rotary, so
+    only the limit changes)."""
     if (target / "config.json").is_file():
         return target
     import torch
@@ -49,7 +51,7 @@ def build(target: Path, *, seed: int = 0, vocab_size: int = 512) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,  # vLLM's CPU attention kernels (bench system e) start at 32
-        max_position_embeddings=1024,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

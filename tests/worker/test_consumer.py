@@ -444,9 +444,10 @@ async def _taken_by(aredis, settings, consumer_name, req):
 
 
 @contextlib.asynccontextmanager
-async def _running(tiny_lm, settings, aredis):
+async def _running(tiny_lm, settings, aredis, engine=None):
+    """A consumer serving on ``engine`` (by default a plain one on ``tiny_lm``)."""
     stop = asyncio.Event()
-    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    consumer = Consumer(settings, engine or Engine(tiny_lm), aredis)
     task = asyncio.create_task(consumer.run(stop))
     try:
         yield consumer

@@ -306,3 +306,54 @@ def test_sliding_window_model_prefills_packed_or_in_groups_only_while_its_window
     _run(engine, seqs)
     for seq, prompt in zip(seqs, ids, strict=True):
         assert seq.output_ids == _reference(model, prompt, 6), seq.request_id
+
+
+@pytest.mark.parametrize("window", [None, 8, 48], ids=["llama", "gemma-w8", "gemma-w48"])
+@pytest.mark.parametrize("chunk", [7, 32, 150])
+def test_a_prompt_prefilled_in_chunks_matches_generate(tiny_lm, window, chunk):
+    """Each chunk attends to the positions before it in the sequence's own
+    cache, sliding windows included (one of 8 is crossed by every chunk)."""
+    model = tiny_lm.model if window is None else _gemma_shaped(tiny_lm, window, head_dim=16)
+    engine = Engine(tiny_lm if window is None else _serving(tiny_lm, model))
+    prompt = _prompts_of_lengths(tiny_lm, [150])[0]
+    seq = engine.new_sequence("c", prompt, SamplingParams(temperature=0.0, ignore_eos=True), 12, ())
+    pieces = 1
+    while (batch := engine.prefill_part(seq, chunk)) is None:
+        pieces += 1
+    assert pieces == -(-150 // chunk) and seq.partial is None
+    while not batch.done:
+        engine.decode_step(batch)
+    assert seq.output_ids == _reference(model, prompt, 12)
+
+
+@pytest.mark.parametrize("window", [None, 8, 48], ids=["llama", "gemma-w8", "gemma-w48"])
+def test_a_chunked_prompt_joins_the_running_batch_beside_its_decode_steps(tiny_lm, window):
+    """Every step decodes the running rows, then prefills the next chunk; the
+    last chunk joins the batch, or waits for it to end where its window has
+    filled (it takes no rows then), and every row matches generate()."""
+    model = tiny_lm.model if window is None else _gemma_shaped(tiny_lm, window, head_dim=16)
+    engine = Engine(tiny_lm if window is None else _serving(tiny_lm, model))
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    short, long = _prompts_of_lengths(tiny_lm, [5, 120])
+    running = engine.new_sequence("r", short, greedy, 40, ())
+    chunked = engine.new_sequence("c", long, greedy, 10, ())
+    batch = engine.prefill([running])
+    steps = 0
+    while True:
+        result = engine.step(batch, [], chunked, 16)
+        batch, steps = result.batch, steps + 1
+        assert result.decode_s is not None  # the running row decoded in every step
+        if result.chunk_done:
+            break
+    assert steps == 120 // 16 + 1
+    assert (result.ready is not None) == (window == 8)  # the short row passed 8 positions
+    if result.ready is None:
+        assert [s.request_id for s in batch.seqs] == ["r", "c"]
+    else:
+        while not batch.done:
+            engine.decode_step(batch)
+        batch = result.ready
+    while not batch.done:
+        engine.decode_step(batch)
+    assert running.output_ids == _reference(model, short, 40)
+    assert chunked.output_ids == _reference(model, long, 10)

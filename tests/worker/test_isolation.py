@@ -159,6 +159,11 @@ class _Failing(Engine):
             raise RuntimeError("a step joining this request failed")
         return super().decode_step(batch, joining)
 
+    def prefill_part(self, seq, tokens):
+        if self.fail_in == "chunk" and _poisoned(self, seq) and seq.prefilled:
+            raise RuntimeError("a chunk of this prompt failed")
+        return super().prefill_part(seq, tokens)
+
 
 POISON = "Poison"
 
@@ -211,15 +216,17 @@ def _requests(settings, prompts, max_tokens=300):
     ]
 
 
-@pytest.mark.parametrize("fail_in", ["prepare", "prefill", "join"])
+@pytest.mark.parametrize("fail_in", ["prepare", "prefill", "join", "chunk"])
 async def test_a_request_failing_in_the_engine_leaves_the_others_as_they_were(
     tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, fail_in
 ):
-    """Served beside a request whose preparation, prefill or in-step join
-    raises, the others end as they would alone, and the worker serves on."""
-    settings = _settings(tiny_model_path, key_prefix, redis_url)
-    gap = 2 if fail_in == "join" else None  # the poison joins a running batch
-    prompts = ["The gateway checks", "Hello, world!", f"{POISON} pill", "你好，世界！"]
+    """Served beside a request whose preparation, prefill, in-step join or
+    second prefill chunk raises, the others end as they would alone, and the
+    worker serves on."""
+    settings = _settings(tiny_model_path, key_prefix, redis_url, long_prompt_tokens=128)
+    gap = 2 if fail_in in ("join", "chunk") else None  # the poison joins a running batch
+    poison = f"{POISON} pill " + " ".join(PROMPTS) * (20 if fail_in == "chunk" else 0)
+    prompts = ["The gateway checks", "Hello, world!", poison, "你好，世界！"]
     alone = _requests(settings, prompts[:2] + prompts[3:])
     expected = await _serve(tiny_lm, settings, aredis, Engine(tiny_lm), alone, gap)
     engine = _Failing(tiny_lm)

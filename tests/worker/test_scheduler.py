@@ -1,37 +1,68 @@
-from bastion_worker.scheduler import SchedulerConfig, Waiting, admit
+from bastion_worker.scheduler import ChunkSizer, SchedulerConfig, Waiting, admit
 
-CONFIG = SchedulerConfig(max_seqs=4, prefill_budget=100, aging_s=10.0)
+CONFIG = SchedulerConfig(max_seqs=4, prefill_budget=100, aging_s=10.0, long_prompt=100)
 
 
 def _w(rid, tokens=10, arrived=0.0, priority=0):
     return Waiting(rid, tokens, arrived, priority)
 
 
+def _ids(admission):
+    return [w.request_id for w in admission.whole]
+
+
 def test_fcfs_up_to_the_free_slots():
     waiting = [_w("c", arrived=3), _w("a", arrived=1), _w("b", arrived=2)]
-    assert [w.request_id for w in admit(waiting, running=2, now=5, config=CONFIG)] == ["a", "b"]
+    assert _ids(admit(waiting, running=2, now=5, config=CONFIG)) == ["a", "b"]
 
 
 def test_prefill_budget_is_respected_without_reordering():
     waiting = [_w("a", 60, 1), _w("b", 60, 2), _w("c", 10, 3)]
-    assert [w.request_id for w in admit(waiting, running=1, now=5, config=CONFIG)] == ["a"]
+    assert _ids(admit(waiting, running=1, now=5, config=CONFIG)) == ["a"]
 
 
-def test_a_prompt_longer_than_the_budget_runs_alone():
-    assert [w.request_id for w in admit([_w("big", 500)], 0, 1, CONFIG)] == ["big"]
-    assert admit([_w("big", 500)], running=1, now=1, config=CONFIG) == []
+def test_a_prompt_longer_than_the_budget_is_chunked_without_holding_up_the_rest():
+    waiting = [_w("big", 500, 1), _w("small", 10, 2)]
+    admission = admit(waiting, running=1, now=5, config=CONFIG)
+    assert admission.chunked.request_id == "big" and _ids(admission) == ["small"]
+
+
+def test_one_chunked_prefill_at_a_time_and_nothing_overtakes_the_next():
+    waiting = [_w("big", 500, 1), _w("small", 10, 2)]
+    admission = admit(waiting, running=1, now=5, config=CONFIG, chunking=True)
+    assert admission.chunked is None and _ids(admission) == []
+
+
+def test_a_chunked_prefill_takes_a_slot():
+    admission = admit([_w("big", 500, 1), _w("small", 10, 2)], running=3, now=5, config=CONFIG)
+    assert admission.chunked.request_id == "big" and _ids(admission) == []
+
+
+def test_chunks_cost_about_a_decode_step_and_stay_within_bounds():
+    sizer = ChunkSizer(budget=512, least=8)
+    assert sizer.size(decoding=False) == 512  # nothing to hold up
+    assert sizer.size(decoding=True) == 8  # nothing measured yet
+    sizer.observe_decode(0.040)
+    sizer.observe_chunk(8, 0.008)  # 1 ms a position
+    assert sizer.size(decoding=True) == 40
+    for _ in range(50):
+        sizer.observe_chunk(100, 0.001)  # cheap positions: up to the budget
+    assert sizer.size(decoding=True) == 512
+    for _ in range(50):
+        sizer.observe_chunk(10, 10.0)  # dear ones: down to the least
+    assert sizer.size(decoding=True) == 8
 
 
 def test_priority_goes_first():
     waiting = [_w("low", arrived=1), _w("high", arrived=2, priority=2)]
-    assert [w.request_id for w in admit(waiting, 3, 2, CONFIG)] == ["high"]
+    assert _ids(admit(waiting, 3, 2, CONFIG)) == ["high"]
 
 
 def test_waiting_long_enough_beats_priority():
     waiting = [_w("old", arrived=0), _w("urgent", arrived=29, priority=2)]
     # after 30 s the old request has aged three levels, above the urgent one's two
-    assert [w.request_id for w in admit(waiting, 3, 30, CONFIG)] == ["old"]
+    assert _ids(admit(waiting, 3, 30, CONFIG)) == ["old"]
 
 
 def test_full_batch_admits_nothing():
-    assert admit([_w("a")], running=4, now=0, config=CONFIG) == []
+    assert _ids(admit([_w("a")], running=4, now=0, config=CONFIG)) == []
