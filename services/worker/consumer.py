@@ -347,6 +347,12 @@ class Consumer:
         else:
             prompt_ids = lm.encode_prompt(req.prompt or "")
             stops = req.params.stop
+        if not prompt_ids:  # an empty prompt: generate from the start of a text
+            if lm.tokenizer.bos_token_id is None:
+                raise InvalidRequestError(
+                    "The prompt is empty.", param="prompt", code="empty_prompt"
+                )
+            prompt_ids = [lm.tokenizer.bos_token_id]
         room = lm.context_length - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(

@@ -70,8 +70,10 @@ def sample_row(
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the most
+        # likely token (a top_p below float32's range compares as 0).
         drop = cumulative - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

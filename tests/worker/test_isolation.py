@@ -110,6 +110,8 @@ def test_a_row_whose_decoding_raises_fails_alone(tiny_lm, clean):
         SamplingParams(temperature=1e-300, ignore_eos=True),
         SamplingParams(temperature=1e-300, repetition_penalty=0.01, seed=5, ignore_eos=True),
         SamplingParams(temperature=2.0, repetition_penalty=10.0, top_p=1e-9, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=5e-324, ignore_eos=True),  # 0.0 in float32
+        SamplingParams(temperature=1e-300, top_p=1e-300, ignore_eos=True),
         SamplingParams(temperature=0.0, repetition_penalty=0.01, ignore_eos=True),
         SamplingParams(presence_penalty=2, frequency_penalty=-2, top_k=-1, ignore_eos=True),
         SamplingParams(seed=-(2**63), top_k=1, ignore_eos=True),
@@ -316,3 +318,15 @@ async def test_a_top_k_above_the_vocabulary_is_refused_naming_it(
         (record,) = await _results(aredis, req)
     assert record.kind == "error" and record.error_type == "InvalidRequestError"
     assert record.error_param == "top_k"
+
+
+async def test_an_empty_prompt_generates_from_the_start_of_a_text(
+    tiny_lm, tiny_model_path, key_prefix, redis_url, aredis
+):
+    settings = _settings(tiny_model_path, key_prefix, redis_url)
+    req = _request(settings, "", max_tokens=5, temperature=0.0, ignore_eos=True)
+    async with _running(tiny_lm, settings, aredis):
+        await aredis.xadd(settings.keys.requests(settings.served_name), req.dump())
+        records = await _results(aredis, req)
+    assert records[-1].kind == "done" and records[-1].completion_tokens == 5
+    assert records[-1].prompt_tokens == 1  # the start-of-text token
