@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from bastion_gateway import admin, keys
+from bastion_gateway import admin, keys, openapi
 from bastion_gateway.apikeys import ApiKeyStore
 from bastion_gateway.broker import Broker
 from bastion_gateway.guard_client import GuardClient
@@ -27,6 +27,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.VERIFIER] = settings.verifier()
     app[keys.POLICY] = settings.policy()
     app[keys.METRICS] = GatewayMetrics()
+    app[keys.OPENAPI] = openapi.document()
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(security_headers)
     app.add_routes(routes)

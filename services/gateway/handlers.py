@@ -53,6 +53,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=registry.render(), headers={"Content-Type": registry.content_type})
 
 
+@routes.get("/openapi.json", name="openapi")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[keys.OPENAPI])
+
+
 @routes.get("/healthz", name="healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})

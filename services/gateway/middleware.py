@@ -29,6 +29,7 @@ ROUTE_PERMISSIONS = {
     "completions": "completions",
     "generate": "generate",
     "models": "models:list",
+    "openapi": "models:list",  # whoever may list the models may read the API
     "metrics": "metrics:read",
     "keys_create": "keys:admin",
     "keys_list": "keys:admin",
