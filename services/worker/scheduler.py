@@ -75,18 +75,22 @@ def admit(
 
 
 # A chunk takes about this many times as long as the decode step beside it, so
-# that a step with a chunk lasts about twice a plain one.
-CHUNK_TIME_RATIO = 1.0
+# that a step with a chunk lasts under twice a plain one (the estimate lags as
+# a chunk's cost grows with the positions before it); with nothing decoding,
+# about IDLE_CHUNK_S, so that a request arriving meanwhile waits no longer
+# than that for its first token.
+CHUNK_TIME_RATIO = 0.7
+IDLE_CHUNK_S = 0.05
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 
 
 @dataclass
 class ChunkSizer:
     """How many positions of a long prompt to prefill in the next step: about
-    as long as the decode step beside it takes, from running averages of both
-    (a chunk's cost per position grows with the positions before it), at
-    least ``least`` and at most ``budget``; the whole budget when nothing is
-    decoding, as there is no stream to hold up."""
+    as long as the decode step beside it takes (IDLE_CHUNK_S when nothing is
+    decoding), from running averages of both (a chunk's cost per position
+    grows with the positions before it), at least ``least`` and at most
+    ``budget``."""
 
     budget: int
     least: int = 16
@@ -100,12 +104,12 @@ class ChunkSizer:
         self.position_s = _average(self.position_s, seconds / max(1, positions))
 
     def size(self, decoding: bool) -> int:
+        target = CHUNK_TIME_RATIO * self.decode_s if decoding and self.decode_s else None
         if not decoding:
-            return self.budget
-        if self.decode_s is None or self.position_s is None:
+            target = IDLE_CHUNK_S
+        if target is None or self.position_s is None:
             return self.least
-        wanted = int(CHUNK_TIME_RATIO * self.decode_s / self.position_s)
-        return max(self.least, min(self.budget, wanted))
+        return max(self.least, min(self.budget, int(target / self.position_s)))
 
 
 def _average(old: float | None, new: float) -> float:

@@ -1,4 +1,10 @@
-from bastion_worker.scheduler import ChunkSizer, SchedulerConfig, Waiting, admit
+from bastion_worker.scheduler import (
+    CHUNK_TIME_RATIO,
+    ChunkSizer,
+    SchedulerConfig,
+    Waiting,
+    admit,
+)
 
 CONFIG = SchedulerConfig(max_seqs=4, prefill_budget=100, aging_s=10.0, long_prompt=100)
 
@@ -40,11 +46,11 @@ def test_a_chunked_prefill_takes_a_slot():
 
 def test_chunks_cost_about_a_decode_step_and_stay_within_bounds():
     sizer = ChunkSizer(budget=512, least=8)
-    assert sizer.size(decoding=False) == 512  # nothing to hold up
-    assert sizer.size(decoding=True) == 8  # nothing measured yet
+    assert sizer.size(decoding=True) == sizer.size(decoding=False) == 8  # nothing measured yet
     sizer.observe_decode(0.040)
     sizer.observe_chunk(8, 0.008)  # 1 ms a position
-    assert sizer.size(decoding=True) == 40
+    assert sizer.size(decoding=True) == int(CHUNK_TIME_RATIO * 0.040 / 0.001)
+    assert sizer.size(decoding=False) == 50  # IDLE_CHUNK_S: what an arrival may wait
     for _ in range(50):
         sizer.observe_chunk(100, 0.001)  # cheap positions: up to the budget
     assert sizer.size(decoding=True) == 512
