@@ -34,7 +34,8 @@ from pydantic import ValidationError
 from bastion_common import keys as K
 from bastion_common.aio import Entries, cancel, group_entries
 from bastion_common.errors import BastionError, InternalError, InvalidRequestError, TimeoutError_
-from bastion_common.messages import FIELD, GenerationRequest, ResultRecord
+from bastion_common.messages import GenerationRequest, ResultRecord
+from bastion_worker import undelivered
 from bastion_worker.engine import Batch, Engine, Sequence, Step
 from bastion_worker.scheduler import ChunkSizer, SchedulerConfig, Waiting, admit
 from bastion_worker.settings import WorkerSettings
@@ -285,41 +286,20 @@ class Consumer:
         try:
             return GenerationRequest.load(fields)
         except (ValidationError, KeyError) as exc:
-            log.error("refusing malformed queue entry %s: %s", entry_id, _first_error(exc))
-            refused = InvalidRequestError(
-                f"The worker could not read this request: {_first_error(exc)}",
-                code="invalid_request",
-            )
-            await self._answer_unreadable(entry_id, fields, refused)
+            log.error("refusing unreadable queue entry %s: %s", entry_id, undelivered.describe(exc))
+            pipe = self.redis.pipeline(transaction=False)
+            undelivered.refuse(pipe, self.stream, entry_id, fields, undelivered.unreadable(exc))
+            await pipe.execute()
             return None
 
     async def _dead_letter(self, entry_id: str, fields: dict[str, str] | None, count: int) -> None:
         """A request delivered ``count`` times without an answer (each time, a
         worker stopped while holding it): answered with an error, counted and
-        never delivered again, as a broker's dead-letter queue would."""
+        never delivered again."""
         log.warning("request entry %s delivered %d times; not tried again", entry_id, count)
-        exhausted = InternalError(
-            f"This request was tried {count} times and every worker that took it stopped; "
-            "it will not be tried again.",
-            code="retries_exhausted",
-        )
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(self.keys.dead_letters, self.model, 1)
-        await pipe.execute()
-        await self._answer_unreadable(entry_id, fields or {}, exhausted)
-
-    async def _answer_unreadable(
-        self, entry_id: str, fields: dict[str, str], error: BastionError
-    ) -> None:
-        """Acknowledge an entry not served, with ``error`` to its gateway where
-        the entry names the request and its result stream."""
-        pipe = self.redis.pipeline(transaction=False)
-        where = _reply_address(fields)
-        if where is not None:
-            request_id, stream = where
-            pipe.xadd(stream, ResultRecord.failure(error).entry(request_id))
-            pipe.expire(stream, K.RESULT_TTL_S)
-        _ack(pipe, self.stream, entry_id)
+        undelivered.refuse(pipe, self.stream, entry_id, fields or {}, undelivered.exhausted(count))
         await pipe.execute()
 
     async def _wait(self, entry_id: str, request: GenerationRequest) -> None:
@@ -373,9 +353,12 @@ class Consumer:
         if not self.waiting or (self.batch is not None and not self.batch.joinable):
             return
         tickets = self._chosen()
-        long = [t for t in tickets if _context(t.seq) > self.config.long_prompt]
-        if long:  # a suspect, alone: prefilled in chunks like any long prompt
-            self._start_chunking(long[0])
+        long = [t for t in tickets if t.seq.context_length > self.config.long_prompt]
+        if long:  # a suspect, alone: prefilled in chunks like any long prompt, one at a time
+            if self.chunking is None and self.ready is None:
+                self._start_chunking(long[0])
+            else:
+                self.waiting[long[0].request.id] = long[0]
             return
         if not tickets:
             return
@@ -401,7 +384,7 @@ class Consumer:
                 return []
             return [self.waiting.pop(suspects[0].request.id)]
         queue = [
-            Waiting(t.request.id, _context(t.seq), t.arrived, t.request.priority)
+            Waiting(t.request.id, t.seq.context_length, t.arrived, t.request.priority)
             for t in self.waiting.values()
         ]
         chunking = self.chunking is not None or self.ready is not None
@@ -634,7 +617,7 @@ class Consumer:
         for stream, fields in entries.items():
             pipe.xadd(stream, fields)
         for ticket in ended:  # after its final record
-            _ack(pipe, self.stream, ticket.entry_id)
+            undelivered.ack(pipe, self.stream, ticket.entry_id)
             if ticket.ttl_set:
                 pipe.delete(self.keys.answered(ticket.request.id))
         return pipe, ended
@@ -683,46 +666,13 @@ class Consumer:
 
     async def _done(self, entry_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        _ack(pipe, self.stream, entry_id)
+        undelivered.ack(pipe, self.stream, entry_id)
         await pipe.execute()
 
 
 def _add(pipe: aioredis.client.Pipeline, req: GenerationRequest, record: ResultRecord) -> None:
     pipe.xadd(req.result_stream, record.entry(req.id))
     pipe.expire(req.result_stream, K.RESULT_TTL_S)
-
-
-def _ack(pipe: aioredis.client.Pipeline, stream: str, entry_id: str) -> None:
-    """Acknowledge and delete a stream entry: nothing of it stays in Redis."""
-    pipe.xack(stream, K.WORKER_GROUP, entry_id)
-    pipe.xdel(stream, entry_id)
-
-
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors(include_url=False)[0]
-        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-    return f"missing field {exc}"
-
-
-def _reply_address(fields: dict[str, str]) -> tuple[str, str] | None:
-    """(request id, result stream) of an entry that does not parse as a
-    request, where it holds them."""
-    try:
-        body = json.loads(fields[FIELD])
-    except (KeyError, ValueError):
-        return None
-    if not isinstance(body, dict):
-        return None
-    request_id, stream = body.get("id"), body.get("result_stream")
-    if isinstance(request_id, str) and isinstance(stream, str) and request_id and stream:
-        return request_id, stream
-    return None
-
-
-def _context(seq: Sequence) -> int:
-    """Tokens a (re)prefill of ``seq`` covers: its prompt and what it has generated."""
-    return seq.context_length
 
 
 def _final_record(seq: Sequence, text: str) -> ResultRecord:
