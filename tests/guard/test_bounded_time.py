@@ -30,7 +30,7 @@ def _jwt(n: int) -> str:
 
 UNITS = {
     "long word": lambda n: "a" * n,
-    "long word, then a space": lambda n: "a" * n + " end",
+    "long word, then a space": lambda n: "a" * (n - 4) + " end",
     "brackets": lambda n: "[" * n,
     "image links": lambda n: "![" * (n // 2),
     "digits": lambda n: "1" * n,
