@@ -50,8 +50,12 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.auth_overhead
 	$(PY) -m bench.guard_latency
+	$(PY) -m bench.guard_worst_case
 	$(PY) -m bench.guard_eval
 	$(PY) -m bench.worker_throughput
+	$(PY) -m bench.throughput_check
+	$(PY) -m bench.long_prompt
+	$(PY) -m bench.fuzz
 	$(PY) -m bench.quantization
 
 # vLLM's CPU build in a side environment, for system (e) of `make bench`: torch

@@ -194,9 +194,12 @@ def run_transformers_cb(lm: LoadedModel, items: list[Item], concurrency: int) ->
 
 
 @contextlib.contextmanager
-def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
+def worker_process(  # type: ignore[no-untyped-def]
+    path: Path, redis_url: str, max_batch: int, env: dict[str, str] | None = None
+):
     """``python -m bastion_worker`` on ``path`` in its own process, as deployed (and
-    as vLLM's server runs in (e)); yields its settings once it has registered."""
+    as vLLM's server runs in (e)), with ``env`` over the environment; yields its
+    settings once it has registered."""
     import signal
     import subprocess
 
@@ -209,7 +212,7 @@ def worker_process(path: Path, redis_url: str, max_batch: int):  # type: ignore[
     env = {
         **os.environ, "BASTION_MODEL_PATH": str(path), "BASTION_KEY_PREFIX": settings.key_prefix,
         "BASTION_REDIS_URL": redis_url, "BASTION_MAX_BATCH_SIZE": str(max_batch),
-        "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "INFO",
+        "BASTION_WORKER_ID": "bench", "BASTION_LOG_LEVEL": "INFO", **(env or {}),
     }  # fmt: skip
     # Its log (the torch thread count it picked, among others) beside vLLM's;
     # the process keeps its own handle, as vllm_server's does. In a session of
@@ -473,10 +476,13 @@ def _failed(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-untyped-def]
-    """The four services as processes, serving ``path`` as "bench-model"; yields
-    the gateway's URL, a token, and what the worker picked at start-up.
-    The worker's log is kept as ``platform-worker-<model>.log`` in the results."""
+def platform(  # type: ignore[no-untyped-def]
+    path: Path, redis_url: str, max_batch: int, extra: dict[str, str] | None = None
+):
+    """The four services as processes, serving ``path`` as "bench-model", with
+    ``extra`` in their environment; yields the gateway's URL, a token, and what
+    the worker picked at start-up. The worker's log is kept as
+    ``platform-worker-<model>.log`` in the results."""
     import shutil
     import tempfile
 
@@ -494,7 +500,7 @@ def platform(path: Path, redis_url: str, max_batch: int):  # type: ignore[no-unt
             "BASTION_PORT": str(free_port()), "BASTION_AUDITOR_PORT": str(free_port()),
             "BASTION_GUARD_PORT": str(guard_port),
             "BASTION_GUARD_TARGET": f"127.0.0.1:{guard_port}",
-            "BASTION_LOG_LEVEL": "WARNING",
+            "BASTION_LOG_LEVEL": "WARNING", **(extra or {}),
         }  # fmt: skip
         stack = Stack(env, log_dir=Path(data) / "logs")
         worker_log = Path(data) / "logs" / "worker.log"
