@@ -503,8 +503,10 @@ class Consumer:
         self.batch = result.batch
         if result.decode_s is not None:
             self.chunks.observe_decode(result.decode_s)
-        if result.chunk_s is not None and self.chunking is not None:
+        if result.chunk_s is not None:
             self.chunks.observe_chunk(self._chunk_tokens, result.chunk_s)
+        if result.shared_s is not None:
+            self.chunks.observe_shared(self._chunk_tokens, result.shared_s)
         if result.chunk_failure is not None and self.chunking is not None:
             log.error("a chunk of %s's prefill failed", self.chunking.request.id,
                       exc_info=result.chunk_failure)  # fmt: skip
@@ -563,7 +565,12 @@ class Consumer:
         if not (joining or decoding or chunk is not None):
             return None
         self._chunk_tokens = self.chunks.size(decoding)
-        step = asyncio.to_thread(self.engine.step, batch, joining, chunk, self._chunk_tokens)
+        # A prompt whose chunk was in a failed step goes in passes of its own,
+        # where a failure of its own is its alone.
+        shared = self.chunking is not None and not self.chunking.strikes
+        step = asyncio.to_thread(
+            self.engine.step, batch, joining, chunk, self._chunk_tokens, shared
+        )
         return asyncio.ensure_future(step)
 
     def _watch_cancels(self, pipe: aioredis.client.Pipeline) -> tuple[list[Sequence], int | None]:

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import rotate_half
 
@@ -66,6 +67,9 @@ class Decoder:
         self.layers = list(inner.layers[: config.num_hidden_layers])
         types = getattr(config, "layer_types", None)
         self.types = list(types or ["full_attention"] * len(self.layers))
+        # Per layer: the sliding window it attends within, or None.
+        window = getattr(config, "sliding_window", None)
+        self.windows = [window if t == "sliding_attention" else None for t in self.types]
         attn = self.layers[0].self_attn
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -89,6 +93,11 @@ class Decoder:
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any
     ) -> torch.Tensor:
+        return self._logits(self._hidden(tokens, positions, self._decoding(mask, cache)))
+
+    def _decoding(self, mask: torch.Tensor, cache: Any) -> compiled.Attend:
+        """Attention for one token a row against the batch's cache, which gets
+        their keys and values; ``mask`` is the batch's padding mask."""
         attends = mask.bool()[:, None, None, :]  # [B, 1, 1, width]
         unpadded = bool(attends.all())  # then SDPA runs without a mask
 
@@ -98,7 +107,7 @@ class Decoder:
             window = None if unpadded else attends[..., -keys.shape[2] :]
             return attention.one_token(q, keys, values, window, scale)
 
-        return self._logits(self._hidden(tokens, positions, attend))
+        return attend
 
     def compile(self) -> None:
         """Run the layers through ``torch.compile`` from now on
@@ -142,6 +151,74 @@ class Decoder:
             return out[0]  # [T, heads, head_dim]
 
         return self._logits(self._hidden(tokens, positions, attend)[keep])
+
+    def chunk(
+        self,
+        tokens: torch.Tensor,  # [N]
+        positions: torch.Tensor,  # [N] consecutive, from the cached length on
+        cache: Any,  # the sequence's own one-row cache (kvcache.new_cache)
+    ) -> torch.Tensor:
+        """A piece of one sequence's context (chunked prefill): each token
+        attends to the positions before it in ``cache``, which gets their keys
+        and values; the logits of the last ([1, V]). Eager: a compiled graph
+        is shaped for decode steps."""
+        attend = self._chunking(positions, cache)
+        return self._logits(self._forward(tokens, positions, attend)[-1:])
+
+    def step_and_chunk(
+        self,
+        tokens: torch.Tensor,  # [B] each row's latest token
+        positions: torch.Tensor,  # [B]
+        mask: torch.Tensor,  # [B, width] the batch's padding mask with this step's column
+        cache: Any,
+        chunk_tokens: torch.Tensor,  # [N]
+        chunk_positions: torch.Tensor,  # [N]
+        chunk_cache: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step and a chunk of another sequence's prefill in one pass,
+        so that each weight is read once for both (vLLM schedules chunked
+        prefill into the decode batch the same way): the rows' logits
+        ([B, V]) and the chunk's last ([1, V]). Eager, as :meth:`chunk`."""
+        rows = tokens.shape[0]
+        decoding = self._decoding(mask, cache)
+        chunking = self._chunking(chunk_positions, chunk_cache)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            head = decoding(i, q[:rows], k[:rows], v[:rows])
+            return torch.cat([head, chunking(i, q[rows:], k[rows:], v[rows:])])
+
+        hidden = self._forward(
+            torch.cat([tokens, chunk_tokens]), torch.cat([positions, chunk_positions]), attend
+        )
+        logits = self._logits(torch.cat([hidden[:rows], hidden[-1:]]))
+        return logits[:rows], logits[rows:]
+
+    def _chunking(self, positions: torch.Tensor, cache: Any) -> compiled.Attend:
+        """Attention for a piece of one sequence at ``positions`` against the
+        positions before it in its own ``cache``, which gets their keys and values."""
+        n = positions.shape[0]
+        end = int(positions[-1]) + 1  # positions held once this piece is in
+        query = positions[:, None]  # [N, 1]
+        group = self.heads // self.kv_heads
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.layers[i].update(
+                k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+            )  # [1, kv_heads, width, head_dim]: the columns this layer attends over
+            width = keys.shape[2]
+            held = torch.arange(end - width, end, device=q.device)[None]  # [1, width]
+            mask = held <= query  # [N, width]
+            if self.windows[i] is not None:
+                mask &= held > query - self.windows[i]
+            # Each kv head's query heads as one block of query positions, as in decode steps.
+            folded = q.transpose(0, 1).reshape(1, self.kv_heads, group * n, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                folded, keys, values, attn_mask=mask.repeat(group, 1),
+                scale=self.layers[i].self_attn.scaling,
+            )  # fmt: skip
+            return out.reshape(self.heads, n, self.head_dim).transpose(0, 1)
+
+        return attend
 
     def _forward(
         self,

@@ -70,7 +70,8 @@ class Step:
     ready: Batch | None = None  # ... but the batch takes no rows: it waits
     chunk_failure: Exception | None = None  # the chunk raised; it fails alone
     decode_s: float | None = None  # a plain decode step's time
-    chunk_s: float | None = None  # the chunk's time
+    chunk_s: float | None = None  # a chunk's time, in a pass of its own
+    shared_s: float | None = None  # a decode step's with a chunk in its pass
 
 
 @dataclass
@@ -170,17 +171,24 @@ class Engine:
         joining: list[Sequence],
         chunk: Sequence | None = None,
         chunk_tokens: int = 0,
+        shared: bool = True,
     ) -> Step:
         """One step: decode a token for each row of ``batch``, prefilling
         ``joining`` in the same pass (or on their own when there is no batch),
-        then the next ``chunk_tokens`` positions of ``chunk``'s prefill, which
-        joins the batch once complete if the batch can take rows. An exception
-        in the chunk is returned, not raised, and ends only that sequence."""
+        and the next ``chunk_tokens`` positions of ``chunk``'s prefill, which
+        joins the batch once complete if the batch can take rows. With
+        ``shared``, where the written-out forward can, the chunk goes into the
+        decode step's own pass (:meth:`Decoder.step_and_chunk`); an exception
+        there fails the step. A chunk in a pass of its own that raises ends
+        only its sequence: the exception is returned, not raised."""
         result = Step(batch)
+        decoding = batch is not None and not batch.done
+        if shared and decoding and not joining and chunk is not None and not chunk.finished:
+            return self._shared_step(result, chunk, chunk_tokens)
         started = time.perf_counter()
         if batch is None and joining:
             result.batch = self.prefill(joining)
-        elif batch is not None and (joining or not batch.done):
+        elif batch is not None and (joining or decoding):
             result.batch = self.decode_step(batch, joining)
             if not joining:
                 result.decode_s = time.perf_counter() - started
@@ -194,6 +202,30 @@ class Engine:
             result.chunk_failure = exc
             return result
         result.chunk_s = time.perf_counter() - started
+        return self._chunked(result, done)
+
+    @torch.inference_mode()
+    def _shared_step(self, result: Step, chunk: Sequence, tokens: int) -> Step:
+        """The decode step and the chunk in one pass, where the written-out
+        forward runs the model; else one after the other."""
+        batch = result.batch
+        assert batch is not None
+        if self.decoder is None:
+            return self.step(batch, [], chunk, tokens, shared=False)
+        started = time.perf_counter()
+        ids, positions, complete = self._piece(chunk, tokens)
+        self._extend(batch)
+        rows, last = self.decoder.step_and_chunk(
+            batch.last_tokens, batch.positions, batch.attention_mask, batch.cache,
+            ids, positions, chunk.partial,
+        )  # fmt: skip
+        self._advance(batch, rows)
+        result.shared_s = time.perf_counter() - started
+        return self._chunked(result, self._pieced(chunk, ids, positions, last, complete))
+
+    def _chunked(self, result: Step, done: Batch | None) -> Step:
+        """``result`` once a chunk ran: with ``done`` (its sequence's complete
+        one-row batch), joined to the batch, or waiting where it takes no rows."""
         if done is not None:
             result.chunk_done = True
             if result.batch is None:
@@ -207,32 +239,54 @@ class Engine:
     @torch.inference_mode()
     def prefill_part(self, seq: Sequence, tokens: int) -> Batch | None:
         """Prefill the next ``tokens`` positions of ``seq``'s context into its
-        own cache, attending to the positions before them: chunked prefill,
+        own cache (through the written-out forward where the model has one),
+        attending to the positions before them: chunked prefill,
         so that a long prompt is taken in pieces between decode steps instead
         of in one pass that stalls them. Returns None until the last piece,
         then a one-row batch with the first token sampled, ready to join."""
+        ids, positions, complete = self._piece(seq, tokens)
+        if self.decoder is not None:
+            logits = self.decoder.chunk(ids, positions, seq.partial)  # [1, V]
+        else:
+            logits = self.lm.model(
+                input_ids=ids[None],
+                attention_mask=torch.ones((1, seq.prefilled + len(ids)), dtype=torch.long,
+                                          device=ids.device),
+                position_ids=positions[None],
+                cache=seq.partial,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]  # fmt: skip
+        return self._pieced(seq, ids, positions, logits, complete)
+
+    def _piece(self, seq: Sequence, tokens: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The next ``tokens`` of ``seq``'s context ([n]), their positions
+        ([n]), and whether they complete it; makes its cache if it has none."""
         context = seq.prompt_ids + seq.output_ids
         start, end = seq.prefilled, min(len(context), seq.prefilled + tokens)
         if seq.partial is None:
             seq.partial = kvcache.new_cache(self.lm.model.config)
         device = self.lm.device
-        ids = torch.tensor([context[start:end]], device=device)  # [1, n]
-        positions = torch.arange(start, end, device=device)[None]  # [1, n]
-        mask = torch.ones((1, end), dtype=torch.long, device=device)  # [1, T]
-        out = self.lm.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=seq.partial,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        seq.prefilled = end
-        if end < len(context):
+        ids = torch.tensor(context[start:end], device=device)
+        return ids, torch.arange(start, end, device=device), end == len(context)
+
+    def _pieced(
+        self,
+        seq: Sequence,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        logits: torch.Tensor,  # [1, V] at the piece's last position
+        complete: bool,
+    ) -> Batch | None:
+        """Note a piece as prefilled; the complete sequence's one-row batch,
+        its first token sampled from ``logits``."""
+        seq.prefilled = int(positions[-1]) + 1
+        if not complete:
             return None
-        batch = Batch([seq], seq.partial, mask, positions[:, -1], ids[:, -1])
+        mask = torch.ones((1, seq.prefilled), dtype=torch.long, device=ids.device)  # [1, T]
+        batch = Batch([seq], seq.partial, mask, positions[-1:], ids[-1:])
         seq.partial, seq.prefilled = None, 0
-        self._advance(batch, out.logits[:, -1, :])
+        self._advance(batch, logits)
         return batch
 
     @staticmethod

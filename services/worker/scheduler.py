@@ -101,7 +101,14 @@ class ChunkSizer:
         self.decode_s = _average(self.decode_s, seconds)
 
     def observe_chunk(self, positions: int, seconds: float) -> None:
+        """A chunk in a pass of its own."""
         self.position_s = _average(self.position_s, seconds / max(1, positions))
+
+    def observe_shared(self, positions: int, seconds: float) -> None:
+        """A decode step with a chunk in its pass: the chunk's share is what
+        the step took over a plain one (at least a tenth of the step)."""
+        chunk_s = max(seconds - (self.decode_s or 0.0), 0.1 * seconds)
+        self.observe_chunk(positions, chunk_s)
 
     def size(self, decoding: bool) -> int:
         target = CHUNK_TIME_RATIO * self.decode_s if decoding and self.decode_s else None

@@ -17,10 +17,10 @@ class _Counting(Engine):
 
     chunks_beside_decoding = 0
 
-    def step(self, batch, joining, chunk=None, chunk_tokens=0):
+    def step(self, batch, joining, chunk=None, chunk_tokens=0, shared=True):
         if chunk is not None and batch is not None and not batch.done:
             self.chunks_beside_decoding += 1
-        return super().step(batch, joining, chunk, chunk_tokens)
+        return super().step(batch, joining, chunk, chunk_tokens, shared)
 
 
 def _settings(path, key_prefix, redis_url, **overrides):

@@ -308,13 +308,22 @@ def test_sliding_window_model_prefills_packed_or_in_groups_only_while_its_window
         assert seq.output_ids == _reference(model, prompt, 6), seq.request_id
 
 
-@pytest.mark.parametrize("window", [None, 8, 48], ids=["llama", "gemma-w8", "gemma-w48"])
+@pytest.mark.parametrize(
+    ("window", "attn"),
+    [(None, None), (8, attention.NAME), (48, attention.NAME), (8, "eager")],
+    ids=["llama", "gemma-w8", "gemma-w48", "gemma-w8-transformers"],
+)
 @pytest.mark.parametrize("chunk", [7, 32, 150])
-def test_a_prompt_prefilled_in_chunks_matches_generate(tiny_lm, window, chunk):
+def test_a_prompt_prefilled_in_chunks_matches_generate(tiny_lm, window, attn, chunk):
     """Each chunk attends to the positions before it in the sequence's own
-    cache, sliding windows included (one of 8 is crossed by every chunk)."""
-    model = tiny_lm.model if window is None else _gemma_shaped(tiny_lm, window, head_dim=16)
-    engine = Engine(tiny_lm if window is None else _serving(tiny_lm, model))
+    cache, sliding windows included (one of 8 is crossed by every chunk),
+    through the written-out forward or (eager attention) transformers'."""
+    if window is None:
+        model, engine = tiny_lm.model, Engine(tiny_lm)
+    else:
+        model = _gemma_shaped(tiny_lm, window, head_dim=16, attn=attn)
+        engine = Engine(_serving(tiny_lm, model))
+    assert (engine.decoder is None) == (attn == "eager")
     prompt = _prompts_of_lengths(tiny_lm, [150])[0]
     seq = engine.new_sequence("c", prompt, SamplingParams(temperature=0.0, ignore_eos=True), 12, ())
     pieces = 1
@@ -326,11 +335,13 @@ def test_a_prompt_prefilled_in_chunks_matches_generate(tiny_lm, window, chunk):
     assert seq.output_ids == _reference(model, prompt, 12)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["one-pass", "two-passes"])
 @pytest.mark.parametrize("window", [None, 8, 48], ids=["llama", "gemma-w8", "gemma-w48"])
-def test_a_chunked_prompt_joins_the_running_batch_beside_its_decode_steps(tiny_lm, window):
-    """Every step decodes the running rows, then prefills the next chunk; the
-    last chunk joins the batch, or waits for it to end where its window has
-    filled (it takes no rows then), and every row matches generate()."""
+def test_a_chunked_prompt_joins_the_running_batch_beside_its_decode_steps(tiny_lm, window, shared):
+    """Every step decodes the running rows and prefills the next chunk, in
+    the decode step's own pass or in one after it; the last chunk joins the
+    batch, or waits for it to end where its window has filled (it takes no
+    rows then), and every row matches generate()."""
     model = tiny_lm.model if window is None else _gemma_shaped(tiny_lm, window, head_dim=16)
     engine = Engine(tiny_lm if window is None else _serving(tiny_lm, model))
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -340,9 +351,11 @@ def test_a_chunked_prompt_joins_the_running_batch_beside_its_decode_steps(tiny_l
     batch = engine.prefill([running])
     steps = 0
     while True:
-        result = engine.step(batch, [], chunked, 16)
+        result = engine.step(batch, [], chunked, 16, shared=shared)
         batch, steps = result.batch, steps + 1
-        assert result.decode_s is not None  # the running row decoded in every step
+        # The running row decoded in every step, with the chunk or apart from it.
+        assert (result.shared_s, result.decode_s).count(None) == 1
+        assert (result.shared_s is not None) == shared
         if result.chunk_done:
             break
     assert steps == 120 // 16 + 1

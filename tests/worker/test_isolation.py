@@ -166,6 +166,12 @@ class _Failing(Engine):
             raise RuntimeError("a chunk of this prompt failed")
         return super().prefill_part(seq, tokens)
 
+    def _shared_step(self, result, chunk, tokens):
+        # Its chunk in a decode step's pass fails that whole step.
+        if self.fail_in == "chunk" and _poisoned(self, chunk) and chunk.prefilled:
+            raise RuntimeError("a step with a chunk of this prompt failed")
+        return super()._shared_step(result, chunk, tokens)
+
 
 POISON = "Poison"
 

@@ -59,6 +59,16 @@ def test_chunks_cost_about_a_decode_step_and_stay_within_bounds():
     assert sizer.size(decoding=True) == 8
 
 
+def test_a_chunk_in_a_decode_steps_pass_costs_what_it_adds_to_the_step():
+    sizer = ChunkSizer(budget=512, least=8, decode_s=0.040)
+    for _ in range(50):
+        sizer.observe_shared(100, 0.050)  # 10 ms over a plain step: 0.1 ms a position
+    assert sizer.size(decoding=True) == int(CHUNK_TIME_RATIO * 0.040 / 0.0001)
+    for _ in range(50):
+        sizer.observe_shared(100, 0.030)  # faster than a plain step: a tenth of it counts
+    assert sizer.position_s is not None and sizer.position_s > 0
+
+
 def test_priority_goes_first():
     waiting = [_w("low", arrived=1), _w("high", arrived=2, priority=2)]
     assert _ids(admit(waiting, 3, 2, CONFIG)) == ["high"]
