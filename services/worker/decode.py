@@ -27,8 +27,9 @@ row took 43.7 against 45.6 ms, at 8 unpadded rows 44.9 against 60.1 ms
 unpadded rows (within noise, or a few percent slower). In float32 the logits match
 transformers' to rounding (tested on the tiny models, sliding windows and left
 padding included) and in bfloat16 Gemma's greedy tokens matched theirs.
-Decode steps and packed passes (prompts back to back, running rows' tokens
-first, :mod:`bastion_worker.attention`) take this path; left-padded prefills
+Decode steps, packed passes (prompts back to back, running rows' tokens
+first, :mod:`bastion_worker.attention`) and chunks of a long prompt's prefill
+(alone, or in a decode step's pass) take this path; left-padded prefills
 and other architectures keep transformers' forward. With ``BASTION_COMPILE``
 the same layers run through torch.compile (:mod:`bastion_worker.compiled`).
 Measured (one process, alternated, 2-core AMX Xeon): Gemma 3 270M (bf16) decode
