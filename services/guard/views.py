@@ -25,8 +25,8 @@ _LEET = str.maketrans("4@3105$7", "aaeioSst".lower())
 # Python's re here, each pattern linear as written: a match is one maximal run
 # of a character class (nothing after it can fail and make it back up), or is
 # bounded ({1,80}, {3,20}); so a run is read once, or at most a bounded stretch
-# from each start. (RE2 is linear too, but costs about 9 us more per match in
-# Python, and text can hold tens of thousands of matches.)
+# from each start. (RE2 is linear too, but its Python wrapper costs far more
+# per match, and text can hold tens of thousands of matches: bench/history.md.)
 _DISGUISED = re.compile(
     # Greek, Cyrillic, full-width letters and digits (not the full-width
     # punctuation ordinary Chinese text uses), mathematical alphanumerics.

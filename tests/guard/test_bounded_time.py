@@ -1,6 +1,6 @@
 """The guard's time grows linearly with its input, on input written to make
-backtracking patterns and pairwise checks blow up (each of these took from 1 s
-to over 40 s at 128 KB before). Each case is timed at 32 KB and at 128 KB,
+backtracking patterns and pairwise checks blow up (bench/history.md has what
+each cost before). Each case is timed at 32 KB and at 128 KB,
 the best of three runs each: four times the input must cost about four times
 the time, never the sixteen a quadratic path takes. A ratio of two runs on the
 same machine, not an absolute time, so a busy machine does not decide it."""
