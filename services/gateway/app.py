@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -27,7 +28,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[keys.VERIFIER] = settings.verifier()
     app[keys.POLICY] = settings.policy()
     app[keys.METRICS] = GatewayMetrics()
-    app[keys.OPENAPI] = openapi.document()
+    app[keys.OPENAPI] = json.dumps(openapi.document()).encode()
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(security_headers)
     app.add_routes(routes)

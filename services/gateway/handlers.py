@@ -55,7 +55,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json", name="openapi")
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(request.app[keys.OPENAPI])
+    return web.Response(body=request.app[keys.OPENAPI], content_type="application/json")
 
 
 @routes.get("/healthz", name="healthz")

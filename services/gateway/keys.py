@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from bastion_common.jwtauth import JwtVerifier
@@ -24,7 +22,7 @@ VERIFIER = web.AppKey("verifier", JwtVerifier)
 POLICY = web.AppKey("policy", Policy)
 API_KEYS = web.AppKey("api_keys", ApiKeyStore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
-OPENAPI = web.AppKey("openapi", dict[str, Any])
+OPENAPI = web.AppKey("openapi", bytes)  # the document, serialised once
 PRINCIPAL = "bastion.principal"
 REQUEST_ID = "bastion.request_id"
 

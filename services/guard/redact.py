@@ -33,6 +33,7 @@ _RUN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+@:/=*!
 # looked for this far back at most (the longest, a spaced IBAN, is 42).
 _GROUP = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+()-"
 GROUP_SPAN = 64
+END_SPAN = 64  # more than any PEM END marker: what a dropped block keeps to find one
 _PEM_END = patterns.compile(r"-----END [A-Z ]*KEY-----")
 LONG_TOKEN = "LONG_TOKEN"
 
@@ -139,7 +140,7 @@ class StreamRedactor:
             seen = self._dropped_tail + text
             end = _PEM_END.search(seen)
             if end is None:
-                self._dropped_tail = seen[-GROUP_SPAN:]
+                self._dropped_tail = seen[-END_SPAN:]
                 return text, ""
             held, rest = text[: max(0, end.end() - len(self._dropped_tail))], seen[end.end() :]
             self._dropped_tail = ""

@@ -236,8 +236,7 @@ class Consumer:
             log.warning("took over %d request(s) from stopped worker %s", len(claimed), name)
             free -= len(claimed)
             for entry_id, fields in claimed:
-                if deliveries.get(entry_id, 1) > self.settings.max_deliveries:
-                    await self._dead_letter(entry_id, fields, deliveries[entry_id])
+                if await self._dead_lettered(entry_id, fields, deliveries.get(entry_id, 1)):
                     continue
                 request = await self._parse(entry_id, fields)
                 if request is None:
@@ -257,9 +256,7 @@ class Consumer:
         handed out (where it may have been before), and one handed out more
         than ``max_deliveries`` times is not tried again."""
         for entry_id, fields in entries:
-            count = (deliveries or {}).get(entry_id, 1)
-            if count > self.settings.max_deliveries:
-                await self._dead_letter(entry_id, fields, count)
+            if await self._dead_lettered(entry_id, fields, (deliveries or {}).get(entry_id, 1)):
                 continue
             request = await self._parse(entry_id, fields)
             if request is not None:
@@ -292,15 +289,20 @@ class Consumer:
             await pipe.execute()
             return None
 
-    async def _dead_letter(self, entry_id: str, fields: dict[str, str] | None, count: int) -> None:
-        """A request delivered ``count`` times without an answer (each time, a
-        worker stopped while holding it): answered with an error, counted and
-        never delivered again."""
+    async def _dead_lettered(
+        self, entry_id: str, fields: dict[str, str] | None, count: int
+    ) -> bool:
+        """Whether the entry, delivered ``count`` times, is past
+        ``max_deliveries`` (each time, a worker stopped holding it); then it is
+        answered with an error, counted, and never delivered again."""
+        if count <= self.settings.max_deliveries:
+            return False
         log.warning("request entry %s delivered %d times; not tried again", entry_id, count)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(self.keys.dead_letters, self.model, 1)
         undelivered.refuse(pipe, self.stream, entry_id, fields or {}, undelivered.exhausted(count))
         await pipe.execute()
+        return True
 
     async def _wait(self, entry_id: str, request: GenerationRequest) -> None:
         """Tokenise ``request`` and queue it for admission, or answer it with its error."""

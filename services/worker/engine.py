@@ -131,7 +131,7 @@ class Engine:
         packed into one pass where the model's attention allows, else
         left-padded in passes of similar length (less padding computed) joined
         into one batch. Past a sliding window, one left-padded pass."""
-        lengths = [len(s.prompt_ids) + len(s.output_ids) for s in seqs]
+        lengths = [s.context_length for s in seqs]
         if not batching.joinable_after_prefill(self.lm.model.config, max(lengths)):
             return self._prefill(seqs)
         if self.packs:
@@ -183,7 +183,8 @@ class Engine:
         only its sequence: the exception is returned, not raised."""
         result = Step(batch)
         decoding = batch is not None and not batch.done
-        if shared and decoding and not joining and chunk is not None and not chunk.finished:
+        one_pass = shared and self.decoder is not None and decoding and not joining
+        if one_pass and chunk is not None and not chunk.finished:
             return self._shared_step(result, chunk, chunk_tokens)
         started = time.perf_counter()
         if batch is None and joining:
@@ -206,12 +207,9 @@ class Engine:
 
     @torch.inference_mode()
     def _shared_step(self, result: Step, chunk: Sequence, tokens: int) -> Step:
-        """The decode step and the chunk in one pass, where the written-out
-        forward runs the model; else one after the other."""
+        """The decode step and the chunk in one written-out pass."""
         batch = result.batch
-        assert batch is not None
-        if self.decoder is None:
-            return self.step(batch, [], chunk, tokens, shared=False)
+        assert batch is not None and self.decoder is not None
         started = time.perf_counter()
         ids, positions, complete = self._piece(chunk, tokens)
         self._extend(batch)
@@ -296,7 +294,7 @@ class Engine:
 
     def can_join_in_step(self, batch: Batch, seqs: list[Sequence]) -> bool:
         """Whether :meth:`decode_step` can prefill ``seqs`` in its own pass and join them."""
-        longest = max(len(s.prompt_ids) + len(s.output_ids) for s in seqs)
+        longest = max(s.context_length for s in seqs)
         config = self.lm.model.config
         return self.packs and batch.joinable and batching.joinable_after_prefill(config, longest)
 

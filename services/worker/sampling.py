@@ -25,6 +25,9 @@ class RowFailure(Exception):
     """One row could not be sampled; only its request fails."""
 
 
+NOT_FINITE = "the model's scores for this request were not finite numbers"
+
+
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.seed is None:
         return None
@@ -86,7 +89,7 @@ def _finite(value: torch.Tensor) -> None:
     """Raise for a NaN or infinite best logit: ``max`` and ``argmax`` propagate
     NaN, and an infinite one means the row's arithmetic overflowed."""
     if not bool(torch.isfinite(value)):
-        raise RowFailure("the model's scores for this request were not finite numbers")
+        raise RowFailure(NOT_FINITE)
 
 
 def greedy(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:  # logits: [B, V]
@@ -127,7 +130,7 @@ def sample(
             elif finite[i]:
                 chosen.append(int(greedy_ids[i]))
             else:
-                _finite(best[i])
+                chosen.append(RowFailure(NOT_FINITE))
         except RowFailure as exc:
             chosen.append(exc)
         except Exception as exc:  # torch refusing this row's numbers (multinomial), or a bug

@@ -111,10 +111,13 @@ class ChunkSizer:
         self.observe_chunk(positions, chunk_s)
 
     def size(self, decoding: bool) -> int:
-        target = CHUNK_TIME_RATIO * self.decode_s if decoding and self.decode_s else None
         if not decoding:
             target = IDLE_CHUNK_S
-        if target is None or self.position_s is None:
+        elif self.decode_s is not None:
+            target = CHUNK_TIME_RATIO * self.decode_s
+        else:
+            return self.least
+        if self.position_s is None:
             return self.least
         return max(self.least, min(self.budget, int(target / self.position_s)))
 
