@@ -1,11 +1,13 @@
-# One image for all four services; the command picks the service.
-# The worker needs the `worker` extra (torch); a torch-free image for the
-# gateway, guard and auditor can be built with EXTRAS=gateway,guard,auditor.
+# One image per service, holding only that service and the shared package:
+#   docker build --build-arg SERVICE=gateway -t bastion-gateway .
+# SERVICE=cli (the default) installs every service, for the all-in-one image
+# that compose.yaml runs; the command picks the service.
 FROM python:3.11-slim
-ARG EXTRAS=gateway,guard,auditor,worker
+ARG SERVICE=cli
 WORKDIR /app
-COPY pyproject.toml README.md ./
 COPY services ./services
-RUN pip install --no-cache-dir ".[${EXTRAS}]"
+RUN if [ "$SERVICE" = cli ]; then set -- ./services/*/; \
+    else set -- ./services/common "./services/$SERVICE"; fi; \
+    pip install --no-cache-dir "$@"
 USER 10001
 ENV BASTION_DATA_DIR=/var/lib/bastion HF_HUB_OFFLINE=1

@@ -5,14 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PB := services/common/pb
+PB := services/common/bastion_common/pb
+PACKAGES := common gateway guard worker auditor cli
 
 .PHONY: run test install lint typecheck proto bench vllm-env clean
 
-$(STAMP): pyproject.toml
+# Each service is a package of its own (services/<name>/pyproject.toml); the
+# workspace installs them all, editable, with the development tools.
+$(STAMP): requirements-dev.txt $(foreach p,$(PACKAGES),services/$(p)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[gateway,guard,auditor,worker,quant,demo,embedded,dev]'
+	$(PIP) install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,12 +30,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
 
-# mypy cannot follow setuptools' editable-install import hook, so it reads the
-# packages through a folder of links named as they are imported.
 typecheck: $(STAMP)
-	mkdir -p .typecheck && for s in common gateway guard worker auditor cli; do \
-		ln -sfn ../services/$$s .typecheck/bastion_$$s; done
-	MYPYPATH=.typecheck $(VENV)/bin/mypy -p bastion_common -p bastion_gateway
+	$(VENV)/bin/mypy -p bastion_common -p bastion_gateway
 
 # Regenerates the committed gRPC code from proto/. The generated modules live
 # flat in bastion_common.pb, so their imports are rewritten to point there.
@@ -74,4 +73,4 @@ vllm-env:
 	$(VLLM_ENV)/bin/pip install --quiet -r $(VLLM_ENV)/requirements.txt
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .typecheck
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -33,5 +33,9 @@ def environment(rev: str = BEFORE_ISSUE_28) -> dict[str, str]:
                 tar.extractall(root, filter="data")
         links.mkdir()
         for name in PACKAGES:
-            (links / f"bastion_{name}").symlink_to(root / "services" / name)
+            # Builds before each service became a package of its own hold the
+            # modules directly in services/<name>.
+            folder = root / "services" / name
+            inner = folder / f"bastion_{name}"
+            (links / f"bastion_{name}").symlink_to(inner if inner.is_dir() else folder)
     return {"PYTHONPATH": str(links)}
