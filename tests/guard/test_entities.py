@@ -25,6 +25,12 @@ def _found(text):
         ("mapped ::ffff:198.51.100.7 here", [("IP_ADDRESS", "::ffff:198.51.100.7")]),
         ("SSN 123-45-6789 or ssn 123456789", [("US_SSN", "123-45-6789"), ("US_SSN", "123456789")]),
         ("key AKIAABCDEFGHIJKLMNOP in config", [("SECRET", "AKIAABCDEFGHIJKLMNOP")]),
+        # every kind of token, each alone (the cheap prefix check must let each through)
+        ("token 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 rejected", [("SECRET", "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")]),
+        ("use ghp_aaaaaaaaaaBBBBBBBBBB1234567890abcdef here", [("SECRET", "ghp_aaaaaaaaaaBBBBBBBBBB1234567890abcdef")]),
+        ("OPENAI_KEY is sk-QQQQQQQQQQQQQQQQrrrrrrrrrrrrrrrr ok", [("SECRET", "sk-QQQQQQQQQQQQQQQQrrrrrrrrrrrrrrrr")]),
+        ("bot xoxb-1234-5678-AbCdEf9 posted", [("SECRET", "xoxb-1234-5678-AbCdEf9")]),
+        ("maps AIzaSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSS key", [("SECRET", "AIzaSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSSS")]),
         ("redis://:s3cr3t-Pass@cache:6379/0", [("SECRET", "s3cr3t-Pass")]),
         ("Server=db;User Id=sa;Password=Tr0ub4dor&3;", [("SECRET", "Tr0ub4dor&3")]),
     ],

@@ -238,7 +238,8 @@ _KV_PASSWORD = re.compile(r"(?i)(?<![A-Za-z0-9_])(?:password|pwd)\s*=\s*([^;\s'\
 _PLACEHOLDER = re.compile(r"^(?:\$\{.*\}|\$[A-Z_]+|<.*>|\*+|\.+|x+|X+|\{\{.*\}\}|%\(.*\)s)$")
 
 
-_TOKEN_PREFIXES = ("AKIA", "ASIA", "gh", "sk-", "xox", "AIza")
+# Each pattern of _TOKENS begins with one of these (a cheap check before the scan).
+_TOKEN_PREFIXES = ("AKIA", "ASIA", "gh", "github_pat_", "sk-", "xox", "AIza")
 
 
 def _secrets(text: str) -> Iterator[tuple[int, int]]:
