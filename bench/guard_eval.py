@@ -7,6 +7,7 @@ scorer's tables and SUMMARY line.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,11 @@ def main(argv: list[str]) -> int:
                 )
                 + "\n"
             )
+    # Paths relative to the repository, so that the committed report names no machine.
+    paths = [os.path.relpath(p, REPO) for p in (EVAL / "score.py", dev, predictions)]
     report = subprocess.run(
-        [sys.executable, str(EVAL / "score.py"), str(dev), str(predictions), *argv],
+        [sys.executable, *paths, *argv],
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=False,

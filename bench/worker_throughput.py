@@ -468,7 +468,12 @@ def start_vllm(servers: contextlib.ExitStack, path: Path) -> tuple[Measure | Non
         except _VLLM_ERRORS as exc:
             return _failed(exc)
 
-    return measure, f"{dtype}, ran from {python}, server log in bench/results/{log.name}"
+    return measure, f"{dtype}, ran from {_shown(python)}, server log in bench/results/{log.name}"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it: results name no machine."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 
 
 def _failed(exc: BaseException) -> str:
