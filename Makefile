@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check services tests bench
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy -p bastion_common -p bastion_gateway
+	$(VENV)/bin/mypy $(foreach p,$(PACKAGES),-p bastion_$(p))
 
 # Regenerates the committed gRPC code from proto/. The generated modules live
 # flat in bastion_common.pb, so their imports are rewritten to point there.

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -75,7 +76,8 @@ class AuditConsumer:
                 events.append(AuditEvent.load(fields or {}))
             except (ValidationError, KeyError, ValueError):
                 log.error("audit entry %s is malformed; moved to %s", entry_id, self.dead)
-                pipe.xadd(self.dead, fields or {"empty": "1"})
+                kept: dict[Any, Any] = fields or {"empty": "1"}
+                pipe.xadd(self.dead, kept)
         try:
             if events:
                 await asyncio.to_thread(self.store.insert, events)

@@ -27,7 +27,7 @@ UNAVAILABLE = "The guard service is unavailable; the request was not processed."
 class GuardClient:
     def __init__(self, target: str, timeout_s: float) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._stub = guard_pb2_grpc.GuardStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = guard_pb2_grpc.GuardStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_s
         self._batches = _Batcher(self._stub, timeout_s)

@@ -15,11 +15,24 @@ Python's ``re`` read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from typing import Protocol, cast
 
 import re2
 
-Regex = re2._Regexp
+
+class Regex(Protocol):
+    """What the guard uses of a compiled RE2 pattern (google-re2 ships no types)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def search(self, text: str, pos: int = 0) -> re.Match[str] | None: ...
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]: ...
+
+
 # The DFA's memory for a rule set; past it RE2 gives up, and RuleSet falls back.
 SET_MAX_MEM = 64 << 20
 _UNICODE_WORD = r"\pL\pN_"
@@ -55,7 +68,7 @@ def translate(pattern: str) -> str:
 def compile(pattern: str, *, ignore_case: bool = False, multiline: bool = False) -> Regex:
     """``pattern`` (in Python's ``re`` syntax, without lookaround) for RE2."""
     flags = ("i" if ignore_case else "") + ("m" if multiline else "")
-    return re2.compile((f"(?{flags})" if flags else "") + translate(pattern))
+    return cast(Regex, re2.compile((f"(?{flags})" if flags else "") + translate(pattern)))
 
 
 def spaces(text: str) -> str:

@@ -20,7 +20,7 @@ from bastion_common.policy import GuardRules
 from bastion_common.sizes import estimate_tokens
 from bastion_guard.analysis import Analysis, analyse, decide
 from bastion_guard.baseline import TenantBaseline
-from bastion_guard.redact import Redactor, StreamRedactor
+from bastion_guard.redact import Redactor, StreamRedactor, Style
 from bastion_guard.sanitise import sanitise
 from bastion_guard.settings import GuardSettings
 
@@ -197,8 +197,8 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     def _redactor(self, tenant: str, rules: GuardRules) -> Redactor:
         """Pseudonyms are stable within a tenant and differ between tenants."""
         key = hmac.new(self._pseudonym_key, tenant.encode(), "sha256").digest()
-        style = {"redact": rules.redaction, "flag": "keep", "off": "off"}[rules.pii]
-        return Redactor(style, key)
+        styles: dict[str, Style] = {"redact": rules.redaction, "flag": "keep", "off": "off"}
+        return Redactor(styles[rules.pii], key)
 
 
 async def start(

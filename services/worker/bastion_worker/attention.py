@@ -20,7 +20,7 @@ attention in the same way; transformers' SDPA has no varlen form to use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def packed_sdpa(
     spans: list[tuple[int, int]] | None = kwargs.pop(SPANS, None)
     decoding: Decoding | None = kwargs.pop(DECODING, None)
     if spans is None:
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     # One row holding every prompt; a sliding window wider than each prompt
@@ -89,7 +89,7 @@ def packed_sdpa(
     causal = bool(getattr(module, "is_causal", True))
     out = torch.empty_like(query)
     if decoding is not None:
-        out[0, :, : decoding.rows] = decoding.attend(query, module.layer_idx, scaling)
+        out[0, :, : decoding.rows] = decoding.attend(query, cast(int, module.layer_idx), scaling)
     for start, end in spans:
         out[:, :, start:end] = F.scaled_dot_product_attention(
             query[:, :, start:end],

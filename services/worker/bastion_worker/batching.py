@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer
+from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer, kv_layers
 
 
 def _holds_everything(layer: object) -> bool:
@@ -49,7 +49,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def merge_caches(a: DynamicCache, b: DynamicCache, width: int) -> None:
     """Append ``b``'s rows to ``a`` (in place), both left-padded to ``width`` positions."""
-    for la, lb in zip(a.layers, b.layers, strict=True):
+    for la, lb in zip(kv_layers(a), kv_layers(b), strict=True):
         assert la.keys is not None and la.values is not None
         assert lb.keys is not None and lb.values is not None
         if isinstance(la, BufferedLayer):  # in place: only b's rows are copied
@@ -90,7 +90,7 @@ def keep_rows(
     if joinable(cache):
         used = mask.any(dim=0).nonzero()
         trim = int(used[0]) if len(used) else mask.shape[1]
-    for layer in cache.layers:
+    for layer in kv_layers(cache):
         if isinstance(layer, BufferedLayer):
             layer.keep_rows(holes, movers, n, trim)
         else:

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -221,7 +221,7 @@ class Consumer:
                 continue
             if await self.redis.exists(self.keys.worker(self.model, name)):
                 continue  # alive: its requests are its own
-            pending = await self.redis.xpending_range(
+            pending: list[dict[str, Any]] = await self.redis.xpending_range(
                 self.stream, K.WORKER_GROUP, min="-", max="+", count=free,
                 consumername=name, idle=ORPHAN_IDLE_MS,
             )  # fmt: skip
@@ -230,8 +230,11 @@ class Consumer:
             ids = [p["message_id"] for p in pending]
             # The claim is one more delivery.
             deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in pending}
-            claimed: Entries = await self.redis.xclaim(
-                self.stream, K.WORKER_GROUP, self.settings.worker_id, ORPHAN_IDLE_MS, ids
+            claimed = cast(
+                Entries,
+                await self.redis.xclaim(
+                    self.stream, K.WORKER_GROUP, self.settings.worker_id, ORPHAN_IDLE_MS, ids
+                ),
             )
             log.warning("took over %d request(s) from stopped worker %s", len(claimed), name)
             free -= len(claimed)
@@ -266,7 +269,7 @@ class Consumer:
         """How many times each of our own pending ``entries`` has been delivered."""
         if not entries:
             return {}
-        pending = await self.redis.xpending_range(
+        pending: list[dict[str, Any]] = await self.redis.xpending_range(
             self.stream, K.WORKER_GROUP, min=entries[0][0], max=entries[-1][0],
             count=len(entries), consumername=self.settings.worker_id,
         )  # fmt: skip
@@ -595,7 +598,7 @@ class Consumer:
         entry per gateway result stream, a field per request."""
         pipe = self.redis.pipeline(transaction=False)
         ended: list[Ticket] = []
-        entries: dict[str, dict[str, str]] = {}
+        entries: dict[str, dict[Any, Any]] = {}
         if self.batch is None:
             return pipe, ended
         now = time.monotonic()
@@ -692,7 +695,7 @@ def _final_record(seq: Sequence, text: str) -> ResultRecord:
     return ResultRecord(
         kind="done",
         text=text,
-        finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+        finish_reason=seq.finish_reason,
         prompt_tokens=len(seq.prompt_ids),
         completion_tokens=len(seq.output_ids),
     )

@@ -145,10 +145,8 @@ class Decoder:
             # [1, heads, T, head_dim]: one row holding every prompt, as transformers lays it out
             q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
             k, v = writer.update(k, v, i)
-            out, _ = attention.packed_sdpa(
-                a, q, k, v, None, scaling=a.scaling,
-                **{attention.SPANS: spans, attention.DECODING: decoding},
-            )  # fmt: skip
+            extra: dict[str, Any] = {attention.SPANS: spans, attention.DECODING: decoding}
+            out, _ = attention.packed_sdpa(a, q, k, v, None, scaling=a.scaling, **extra)
             return out[0]  # [T, heads, head_dim]
 
         return self._logits(self._hidden(tokens, positions, attend)[keep])
@@ -209,8 +207,9 @@ class Decoder:
             width = keys.shape[2]
             held = torch.arange(end - width, end, device=q.device)[None]  # [1, width]
             mask = held <= query  # [N, width]
-            if self.windows[i] is not None:
-                mask &= held > query - self.windows[i]
+            window = self.windows[i]
+            if window is not None:
+                mask &= held > query - window
             # Each kv head's query heads as one block of query positions, as in decode steps.
             folded = q.transpose(0, 1).reshape(1, self.kv_heads, group * n, self.head_dim)
             out = F.scaled_dot_product_attention(
@@ -230,7 +229,7 @@ class Decoder:
         """The last hidden states ([N, hidden]) of ``tokens``, layer ``i``'s
         attention being ``attend(i, q, k, v)`` ([N, heads or kv_heads, head_dim] each)."""
         n = tokens.shape[0]
-        x = self.embed(tokens)  # [N, hidden]
+        x: torch.Tensor = self.embed(tokens)  # [N, hidden]
         rope = {}
         for kind in set(self.types):
             args = (kind,) if self.gemma else ()

@@ -44,7 +44,7 @@ def prepare(models_dir: Path) -> Path:
         quantization_config=GgufConfig(dequantize=True),
     )
     # The weights are dense now; forget that they came from GGUF so they save as safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE

@@ -281,6 +281,7 @@ class Engine:
         seq.prefilled = int(positions[-1]) + 1
         if not complete:
             return None
+        assert seq.partial is not None  # the cache its pieces were written to
         mask = torch.ones((1, seq.prefilled), dtype=torch.long, device=ids.device)  # [1, T]
         batch = Batch([seq], seq.partial, mask, positions[-1:], ids[-1:])
         seq.partial, seq.prefilled = None, 0

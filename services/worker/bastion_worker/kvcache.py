@@ -36,6 +36,8 @@ between steps.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -132,7 +134,7 @@ class BufferedLayer(DynamicLayer):
 
     # ``keys`` and ``values`` stay attributes to transformers and to batching.py:
     # reading gives the filled view, assigning adopts the tensor as the buffer.
-    @property  # type: ignore[override]
+    @property
     def keys(self) -> torch.Tensor | None:
         return None if self._k is None else self._k.view()
 
@@ -140,7 +142,7 @@ class BufferedLayer(DynamicLayer):
     def keys(self, t: torch.Tensor | None) -> None:
         self._k = _adopt(t)
 
-    @property  # type: ignore[override]
+    @property
     def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v.view()
 
@@ -252,7 +254,7 @@ class PackedWriter:
             k, v = (
                 s[0, :, : self.skip].transpose(0, 1)[:, :, None] for s in (key_states, value_states)
             )
-            self.decoding.cached[layer_idx] = self.running.layers[layer_idx].update(k, v)
+            self.decoding.cached[layer_idx] = kv_layers(self.running)[layer_idx].update(k, v)
         layer = self.cache.layers[layer_idx]
         assert isinstance(layer, BufferedLayer)
         layer.lazy_initialization(key_states, value_states)
@@ -272,6 +274,12 @@ class PackedWriter:
         return padded
 
 
+def kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """``cache``'s layers, typed as what the worker builds them from: key and value
+    tensors per layer (transformers types them as any kind of cache layer)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
 def new_cache(config: object) -> DynamicCache:
     """A cache for ``config``'s layer types with buffered layers in place of
     transformers' dynamic ones (other layer types are kept as they are)."""
@@ -281,7 +289,7 @@ def new_cache(config: object) -> DynamicCache:
         if type(layer) is DynamicSlidingWindowLayer:
             layers.append(BufferedSlidingWindowLayer(sliding_window=layer.sliding_window))
         elif type(layer) is DynamicLayer:
-            layers.append(BufferedLayer())
+            layers.append(BufferedLayer())  # type: ignore[no-untyped-call]  # transformers' __init__ is untyped
         else:
             layers.append(layer)
     cache.layers = layers  # type: ignore[assignment]

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -205,7 +205,7 @@ def load(
         device_map=str(device) if quant is not None else None,
     )
     if quant is None:
-        model.to(device)
+        cast(torch.nn.Module, model).to(device)  # transformers' wrapped .to confuses mypy
     model.eval()
     params = sum(p.numel() for p in model.parameters())  # counted before packing hides them
     fused = norms.fuse_norms(model)

@@ -53,6 +53,8 @@ def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
 class GemmaRMSNorm(nn.Module):
     """``(x / rms(x) * (1 + w))`` in float32, then cast back (Gemma 3)."""
 
+    scale: torch.Tensor
+
     def __init__(self, norm: Gemma3RMSNorm) -> None:
         super().__init__()
         self.eps = float(norm.eps)
@@ -64,6 +66,8 @@ class GemmaRMSNorm(nn.Module):
 
 class LlamaStyleRMSNorm(nn.Module):
     """``x / rms(x)`` in float32, cast back, then times ``w`` (Llama)."""
+
+    weight: torch.Tensor
 
     def __init__(self, norm: LlamaRMSNorm) -> None:
         super().__init__()
