@@ -199,7 +199,7 @@ def bench_model(path: Path, redis_url: str, victim_tokens: int) -> list[str]:
 
 
 def main() -> int:
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     models = []
     if "--gemma-only" not in sys.argv:

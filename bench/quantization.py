@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bastion_worker import onednn
-from bastion_worker.loader import load
+from bastion_worker.model import onednn
+from bastion_worker.model.loader import load
 from bench.report import publish
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def _measure(path: Path, dtype: str, quant: str, linear: str) -> tuple[float, fl
 
 
 def main() -> int:
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"))]
     demo = REPO / "var" / "models" / "gemma-3-270m"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bastion_cli.stack import embedded_valkey, redis_answers
-from bastion_worker.loader import load
+from bastion_worker.model.loader import load
 from bench.baseline import BEFORE_ISSUE_28, environment
 from bench.report import publish
 from bench.worker_throughput import E2E, platform, run_openai, run_worker, worker_process
@@ -66,7 +66,7 @@ def bench_model(path: Path, n: int, outputs: tuple[int, int], redis_url: str) ->
 
 
 def main() -> int:
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"), 96, (16, 96))]
     demo = REPO / "var" / "models" / "gemma-3-270m"

@@ -35,7 +35,7 @@ from bastion_cli.stack import embedded_valkey, redis_answers
 from bastion_common.messages import GenerationRequest, Requester, SamplingParams
 from bastion_gateway.broker import Broker
 from bastion_worker import threads
-from bastion_worker.loader import LoadedModel, load, pick_dtype, stored_dtype
+from bastion_worker.model.loader import LoadedModel, load, pick_dtype, stored_dtype
 from bastion_worker.settings import WorkerSettings
 from bench.report import RESULTS, publish
 from bench.workload import Item, make
@@ -621,7 +621,7 @@ def bench_model(
 
 
 def main() -> int:
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     torch.manual_seed(0)
     models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"), 96, (16, 96))]

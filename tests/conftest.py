@@ -50,14 +50,14 @@ async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_path: Path):  # type: ignore[no-untyped-def]
-    from bastion_worker.loader import load
+    from bastion_worker.model.loader import load
 
     return load(tiny_model_path, "cpu", "float32")
 
@@ -65,13 +65,13 @@ def tiny_lm(tiny_model_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def tiny_long_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a 16,384-token context: long prompts, chunked prefill."""
-    from bastion_worker.tiny_model import build
+    from bastion_worker.model.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-llama-16k", context=16384)
 
 
 @pytest.fixture(scope="session")
 def tiny_long_lm(tiny_long_model_path: Path):  # type: ignore[no-untyped-def]
-    from bastion_worker.loader import load
+    from bastion_worker.model.loader import load
 
     return load(tiny_long_model_path, "cpu", "float32")

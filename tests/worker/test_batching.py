@@ -1,6 +1,6 @@
 """Grouping prompts of similar length into prefill passes."""
 
-from bastion_worker.batching import length_groups
+from bastion_worker.engine.batching import length_groups
 
 
 def test_length_groups_cover_every_prompt_once_longest_first():

@@ -4,7 +4,7 @@ beside the running decode steps, on the real Redis and the tiny model with a
 
 import asyncio
 
-from bastion_worker.engine import Engine
+from bastion_worker.engine.core import Engine
 from bastion_worker.settings import WorkerSettings
 from tests.polling import eventually
 from tests.worker.test_consumer import PROMPTS, _request, _results, _running

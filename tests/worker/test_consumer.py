@@ -11,9 +11,10 @@ import redis.asyncio as aioredis
 
 from bastion_common import keys as K
 from bastion_common.messages import GenerationRequest, Requester, ResultRecord, SamplingParams
-from bastion_worker import consumer as consumer_module
-from bastion_worker.consumer import Consumer
-from bastion_worker.engine import Engine
+from bastion_worker.engine.core import Engine
+from bastion_worker.serving import loop as loop_module
+from bastion_worker.serving import reader as reader_module
+from bastion_worker.serving.loop import StepLoop
 from bastion_worker.settings import WorkerSettings
 from tests.polling import eventually
 
@@ -26,7 +27,7 @@ async def worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url):
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w1"
     )
     stop = asyncio.Event()
-    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    consumer = StepLoop(settings, Engine(tiny_lm), aredis)
     task = asyncio.create_task(consumer.run(stop))
     yield settings
     stop.set()
@@ -136,7 +137,7 @@ async def test_a_burst_reaching_an_idle_worker_is_prefilled_together(
     name = f"{key_prefix}-worker"
     own = aioredis.from_url(redis_url, decode_responses=True, client_name=name)
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, engine, own).run(stop))
+    task = asyncio.create_task(StepLoop(settings, engine, own).run(stop))
     stream = settings.keys.requests(settings.served_name)
 
     async def blocked_on_the_stream():
@@ -168,7 +169,7 @@ async def _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url, 
     )  # fmt: skip
     engine, prefills = _recording_prefills(tiny_lm)
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
+    task = asyncio.create_task(StepLoop(settings, engine, aredis).run(stop))
     stream = settings.keys.requests(settings.served_name)
     try:
         await eventually(lambda: _group_exists(aredis, stream))
@@ -193,8 +194,8 @@ async def test_a_burst_spread_over_time_is_prefilled_together(
     """Requests sent shortly after the one that woke an idle worker (here 50 ms,
     within a widened quiet gap) join its first prefill; without the wait for a
     quiet stream the first is prefilled alone."""
-    monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.5)
-    monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
+    monkeypatch.setattr(loop_module, "COALESCE_GAP_S", 0.5)
+    monkeypatch.setattr(loop_module, "COALESCE_MAX_S", 5.0)
     async with _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url) as (
         settings, stream, prefills,
     ):  # fmt: skip
@@ -212,9 +213,9 @@ async def test_once_a_burst_has_begun_the_quiet_gap_widens(
 ):
     """Two requests together make a burst: a third sent 200 ms later, past the
     lone request's quiet gap but within a burst's, still joins their prefill."""
-    monkeypatch.setattr(consumer_module, "COALESCE_GAP_S", 0.05)
-    monkeypatch.setattr(consumer_module, "COALESCE_BURST_GAP_S", 1.0)
-    monkeypatch.setattr(consumer_module, "COALESCE_MAX_S", 5.0)
+    monkeypatch.setattr(loop_module, "COALESCE_GAP_S", 0.05)
+    monkeypatch.setattr(loop_module, "COALESCE_BURST_GAP_S", 1.0)
+    monkeypatch.setattr(loop_module, "COALESCE_MAX_S", 5.0)
     async with _idle_worker(tiny_lm, tiny_model_path, key_prefix, aredis, redis_url) as (
         settings, stream, prefills,
     ):  # fmt: skip
@@ -290,7 +291,7 @@ async def test_requests_taken_before_a_crash_are_served_on_restart(
     taken = await aredis.xreadgroup(K.WORKER_GROUP, "w2", {stream: ">"}, count=10)
     assert len(taken[0][1]) == 1
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
+    task = asyncio.create_task(StepLoop(settings, Engine(tiny_lm), aredis).run(stop))
     try:
         records = await _results(aredis, req)
         assert records[-1].kind == "done" and records[-1].completion_tokens == 3
@@ -351,7 +352,7 @@ async def _serve_all(tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, **
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url,
         worker_id=f"w-{uuid.uuid4().hex[:6]}", **settings_overrides,
     )  # fmt: skip
-    consumer = Consumer(settings, Engine(tiny_lm), aredis)
+    consumer = StepLoop(settings, Engine(tiny_lm), aredis)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     prompts = ["Hello, world!", "你好，世界！", "The gateway checks every request", "abc"]
@@ -390,7 +391,7 @@ async def test_a_running_worker_takes_only_what_it_has_room_for(
     )  # fmt: skip
     stream = settings.keys.requests(settings.served_name)
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, Engine(tiny_lm), aredis).run(stop))
+    task = asyncio.create_task(StepLoop(settings, Engine(tiny_lm), aredis).run(stop))
     first = _request(settings, "Tell me", max_tokens=400, temperature=0.0, ignore_eos=True)
     await aredis.xadd(stream, first.dump())
     await eventually(lambda: aredis.xlen(first.result_stream))
@@ -425,10 +426,8 @@ async def test_a_running_worker_takes_only_what_it_has_room_for(
 
 @pytest.fixture
 def orphan_settings(tiny_model_path, key_prefix, redis_url, monkeypatch):
-    from bastion_worker import consumer as consumer_module
-
-    monkeypatch.setattr(consumer_module, "ORPHAN_IDLE_MS", 0)
-    monkeypatch.setattr(consumer_module, "ORPHAN_CHECK_S", 0.05)
+    monkeypatch.setattr(reader_module, "ORPHAN_IDLE_MS", 0)
+    monkeypatch.setattr(loop_module, "ORPHAN_CHECK_S", 0.05)
     return WorkerSettings(
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w2"
     )
@@ -447,7 +446,7 @@ async def _taken_by(aredis, settings, consumer_name, req):
 async def _running(tiny_lm, settings, aredis, engine=None):
     """A consumer serving on ``engine`` (by default a plain one on ``tiny_lm``)."""
     stop = asyncio.Event()
-    consumer = Consumer(settings, engine or Engine(tiny_lm), aredis)
+    consumer = StepLoop(settings, engine or Engine(tiny_lm), aredis)
     task = asyncio.create_task(consumer.run(stop))
     try:
         yield consumer
@@ -528,16 +527,14 @@ async def test_a_request_arriving_during_a_long_step_joins_the_next(
     """A request sent while a step runs, after that step's own read: read once
     a long step ends, it is prefilled in the very next step; without that read,
     only in the one after."""
-    from bastion_worker import consumer as consumer_module
-
     # every step counts as long, or none does
-    monkeypatch.setattr(consumer_module, "READ_AFTER_STEP_S", 0.0 if read_after else float("inf"))
+    monkeypatch.setattr(loop_module, "READ_AFTER_STEP_S", 0.0 if read_after else float("inf"))
     settings = WorkerSettings(
         model_path=tiny_model_path, key_prefix=key_prefix, redis_url=redis_url, worker_id="w-late"
     )
     stream = settings.keys.requests(settings.served_name)
     engine = _GatedEngine(tiny_lm)
-    consumer = Consumer(settings, engine, aredis)
+    consumer = StepLoop(settings, engine, aredis)
     sends = 0
     send = consumer._send
 

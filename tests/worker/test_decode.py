@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import decode, norms, onednn
-from bastion_worker.engine import Engine
+from bastion_worker.engine.core import Engine
+from bastion_worker.model import decode, norms, onednn
 from tests.worker.test_engine import PROMPTS, _gemma_shaped, _serving
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from bastion_worker.detokenize import REPLACEMENT, IncrementalDetokenizer
-from bastion_worker.stops import StopMatcher
+from bastion_worker.engine.detokenize import REPLACEMENT, IncrementalDetokenizer
+from bastion_worker.engine.stops import StopMatcher
 
 TEXTS = ["你好，世界！今天天气很好。", "Emoji 🙂🚀 and café", "私有部署 private 部署 🔒 ok"]
 

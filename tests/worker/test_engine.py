@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import attention
-from bastion_worker.engine import Engine
+from bastion_worker.engine.core import Engine
+from bastion_worker.model import attention
 
 PROMPTS = [
     "Hello, world!",
@@ -34,7 +34,7 @@ def _gemma_shaped(tiny_lm, window, head_dim, attn=attention.NAME):
 
 def _serving(tiny_lm, model):
     """``model`` loaded as the worker would hold it, with the tiny model's tokenizer."""
-    from bastion_worker.loader import LoadedModel
+    from bastion_worker.model.loader import LoadedModel
 
     return LoadedModel(model, tiny_lm.tokenizer, torch.device("cpu"), 512, tiny_lm.eos_ids,
                        tiny_lm.pad_id, tiny_lm.chat_template, ())  # fmt: skip
@@ -293,7 +293,7 @@ def test_sliding_window_model_prefills_packed_or_in_groups_only_while_its_window
     """With a window wider than the prompts, a Gemma 3-shaped model prefills
     packed (the worker's attention) or in left-padded passes of similar length
     (plain SDPA); with a narrower one, in one left-padded pass. All match generate()."""
-    from bastion_worker import batching
+    from bastion_worker.engine import batching
 
     model = _gemma_shaped(tiny_lm, window=window, head_dim=32, attn=attn)
     engine = Engine(_serving(tiny_lm, model))

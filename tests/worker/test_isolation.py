@@ -10,10 +10,11 @@ import torch
 
 from bastion_common import keys as K
 from bastion_common.messages import FIELD, SamplingParams
-from bastion_worker import consumer as consumer_module
-from bastion_worker.consumer import Consumer
-from bastion_worker.engine import Engine
-from bastion_worker.sampling import RowFailure, make_generator, sample
+from bastion_worker.engine.core import Engine
+from bastion_worker.engine.sampling import RowFailure, make_generator, sample
+from bastion_worker.serving import loop as loop_module
+from bastion_worker.serving import reader as reader_module
+from bastion_worker.serving.loop import StepLoop
 from bastion_worker.settings import WorkerSettings
 from tests.polling import eventually
 from tests.worker.test_consumer import _request, _results, _running
@@ -186,7 +187,7 @@ async def _serve(tiny_lm, settings, aredis, engine, reqs, gap_before=None):
 
     stream = settings.keys.requests(settings.served_name)
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(settings, engine, aredis).run(stop))
+    task = asyncio.create_task(StepLoop(settings, engine, aredis).run(stop))
     try:
         first = reqs if gap_before is None else reqs[:gap_before]
         for req in first:
@@ -267,8 +268,8 @@ async def test_a_request_delivered_too_often_is_answered_and_never_tried_again(
     tiny_lm, tiny_model_path, key_prefix, redis_url, aredis, monkeypatch, holder
 ):
 
-    monkeypatch.setattr(consumer_module, "ORPHAN_IDLE_MS", 0)
-    monkeypatch.setattr(consumer_module, "ORPHAN_CHECK_S", 0.05)
+    monkeypatch.setattr(reader_module, "ORPHAN_IDLE_MS", 0)
+    monkeypatch.setattr(loop_module, "ORPHAN_CHECK_S", 0.05)
     settings = _settings(tiny_model_path, key_prefix, redis_url, max_deliveries=2)
     (poison,) = _requests(settings, ["Poison"], max_tokens=5)
     # Delivered twice already; the worker's own read or claim is the third.

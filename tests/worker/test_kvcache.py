@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from bastion_worker.kvcache import (
+from bastion_worker.engine.kvcache import (
     BufferedLayer,
     BufferedSlidingWindowLayer,
     PackedWriter,
@@ -121,7 +121,7 @@ def test_a_packed_pass_leaves_each_prompt_left_padded_with_room_for_the_next_ste
 
 
 def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding():
-    from bastion_worker.batching import keep_rows
+    from bastion_worker.engine.batching import keep_rows
 
     gen = torch.Generator().manual_seed(2)
     cache = DynamicCache()
@@ -143,7 +143,7 @@ def test_leaving_rows_moves_only_the_last_rows_into_the_gaps_and_trims_padding()
 
 
 def test_several_leaving_rows_each_take_one_of_the_last_rows():
-    from bastion_worker.batching import keep_rows
+    from bastion_worker.engine.batching import keep_rows
 
     gen = torch.Generator().manual_seed(4)
     cache = DynamicCache()
@@ -163,7 +163,7 @@ def test_joining_writes_new_rows_in_place_and_pads_both_sides():
     """A join equals left-padding both caches to one width and stacking them;
     while the buffer has spare rows it is not reallocated, so nothing already
     cached is copied."""
-    from bastion_worker.batching import merge_caches
+    from bastion_worker.engine.batching import merge_caches
 
     gen = torch.Generator().manual_seed(3)
 

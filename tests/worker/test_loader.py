@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker.engine import Engine
-from bastion_worker.loader import load
+from bastion_worker.engine.core import Engine
+from bastion_worker.model.loader import load
 
 
 def _greedy(lm, n=6):
@@ -36,7 +36,7 @@ def test_flash_attention_without_cuda_fails_at_load(tiny_model_path):
 
 
 def test_auto_attention_is_sdpa_with_packed_prefill_on_cpu(tiny_lm):
-    from bastion_worker import attention
+    from bastion_worker.model import attention
 
     assert tiny_lm.model.config._attn_implementation == attention.NAME
 
@@ -49,8 +49,8 @@ def test_cuda_bf16_generates(tiny_model_path):
 
 
 def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_has_it(tiny_model_path):
-    from bastion_worker import onednn
-    from bastion_worker.loader import pick_dtype, stored_dtype
+    from bastion_worker.model import onednn
+    from bastion_worker.model.loader import pick_dtype, stored_dtype
 
     cpu = torch.device("cpu")
     assert stored_dtype(tiny_model_path) == torch.float32
@@ -62,7 +62,7 @@ def test_auto_dtype_keeps_a_bf16_model_in_bf16_where_the_cpu_has_it(tiny_model_p
 
 
 def test_compile_auto_is_on_only_for_packed_bfloat16_on_the_cpu(tiny_lm):
-    from bastion_worker.loader import pick_compile
+    from bastion_worker.model.loader import pick_compile
 
     model, cpu = tiny_lm.model, torch.device("cpu")
     packed = "onednn"
@@ -76,7 +76,7 @@ def test_compile_auto_is_on_only_for_packed_bfloat16_on_the_cpu(tiny_lm):
 
 
 def test_compile_auto_leaves_a_model_without_the_written_out_forward_alone(tiny_model_path):
-    from bastion_worker.loader import pick_compile
+    from bastion_worker.model.loader import pick_compile
 
     lm = load(tiny_model_path, "cpu", "float32", attention="eager")
     assert not pick_compile("auto", lm.model, torch.device("cpu"), torch.bfloat16, "onednn")

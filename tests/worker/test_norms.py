@@ -5,7 +5,7 @@ import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bastion_worker.norms import GemmaRMSNorm, LlamaStyleRMSNorm, fuse_norms
+from bastion_worker.model.norms import GemmaRMSNorm, LlamaStyleRMSNorm, fuse_norms
 
 
 @pytest.mark.parametrize("rows", [5, 1500], ids=["decode", "prefill"])

@@ -10,9 +10,9 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import onednn
-from bastion_worker.engine import Engine
-from bastion_worker.loader import load
+from bastion_worker.engine.core import Engine
+from bastion_worker.model import onednn
+from bastion_worker.model.loader import load
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
 
@@ -166,7 +166,7 @@ def test_onednn_refuses_a_quantized_model_at_load(tiny_model_path):
 
 
 def test_auto_picks_onednn_for_float32_on_the_cpu():
-    from bastion_worker.loader import pick_linear
+    from bastion_worker.model.loader import pick_linear
 
     cpu = torch.device("cpu")
     assert pick_linear("auto", cpu, torch.float32, "none") == "onednn"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker.sampling import CHUNK, make_generator, sample
+from bastion_worker.engine.sampling import CHUNK, make_generator, sample
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -1,9 +1,12 @@
-from bastion_worker.scheduler import (
+from bastion_worker.serving.scheduler import (
     CHUNK_TIME_RATIO,
     ChunkSizer,
+    Running,
     SchedulerConfig,
     Waiting,
     admit,
+    fit_kv_budget,
+    preemption_victim,
 )
 
 CONFIG = SchedulerConfig(max_seqs=4, prefill_budget=100, aging_s=10.0, long_prompt=100)
@@ -82,3 +85,25 @@ def test_waiting_long_enough_beats_priority():
 
 def test_full_batch_admits_nothing():
     assert _ids(admit([_w("a")], running=4, now=0, config=CONFIG)) == []
+
+
+def test_admission_keeps_the_longest_prefix_that_fits_the_kv_budget():
+    chosen = [_w("a", 10), _w("b", 30), _w("c", 10)]
+    # joining 2 rows x 20: 5 rows padded to 30, plus the next step's column
+    assert fit_kv_budget(chosen, rows=2, width=20, budget=5 * 31) == chosen
+    assert [w.request_id for w in fit_kv_budget(chosen, 2, 20, 5 * 31 - 1)] == ["a", "b"]
+    assert [w.request_id for w in fit_kv_budget(chosen, 2, 20, 50)] == []
+    assert fit_kv_budget(chosen, 0, 0, 0) == chosen  # no budget
+
+
+def test_one_sequence_always_runs_on_an_empty_batch():
+    assert [w.request_id for w in fit_kv_budget([_w("a", 500)], 0, 0, 10)] == ["a"]
+    assert [w.request_id for w in fit_kv_budget([_w("a", 500), _w("b")], 0, 0, 10)] == ["a"]
+
+
+def test_the_newest_lowest_priority_sequence_is_preempted_only_when_the_step_overflows():
+    live = [Running("old", 1.0, 0), Running("new", 3.0, 0), Running("vip", 4.0, 5)]
+    assert preemption_victim(live, kv_tokens=97, rows=3, budget=100) is None
+    assert preemption_victim(live, kv_tokens=98, rows=3, budget=100) == "new"
+    assert preemption_victim(live[:1], kv_tokens=10**6, rows=1, budget=100) is None
+    assert preemption_victim(live, kv_tokens=10**6, rows=3, budget=0) is None

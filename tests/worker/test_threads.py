@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from bastion_common.messages import SamplingParams
 from bastion_worker import threads
 from bastion_worker.__main__ import ready
-from bastion_worker.engine import Engine
+from bastion_worker.engine.core import Engine
 from bastion_worker.settings import WorkerSettings
 
 

@@ -77,11 +77,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     if args.kind == "tiny":
-        from bastion_worker.tiny_model import build
+        from bastion_worker.model.tiny_model import build
 
         print(build(Path(args.path)))
     else:
-        from bastion_worker.demo_model import prepare
+        from bastion_worker.model.demo_model import prepare
 
         print(prepare(Path(args.path)))
     return 0
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_dir = settings.data_dir.resolve()
     model_path = args.model_path
     if model_path is None:
-        from bastion_worker.demo_model import prepare
+        from bastion_worker.model.demo_model import prepare
 
         log.info("preparing the demo model (converted once, then reused)")
         model_path = prepare(data_dir / "models")

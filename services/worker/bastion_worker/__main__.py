@@ -15,9 +15,9 @@ from transformers.utils import logging as hf_logging
 from bastion_common import logs, priority
 from bastion_common.settings import load as load_settings
 from bastion_worker import threads
-from bastion_worker.consumer import Consumer
-from bastion_worker.engine import Engine
-from bastion_worker.loader import load
+from bastion_worker.engine.core import Engine
+from bastion_worker.model.loader import load
+from bastion_worker.serving.loop import StepLoop
 from bastion_worker.settings import WorkerSettings
 
 log = logging.getLogger("bastion.worker")
@@ -93,7 +93,7 @@ async def serve(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker %s serving model %s", settings.worker_id, settings.served_name)
     try:
-        await Consumer(settings, engine, redis).run(stop)
+        await StepLoop(settings, engine, redis).run(stop)
     finally:
         await redis.aclose()
     log.info("worker stopped")

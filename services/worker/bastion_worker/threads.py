@@ -68,7 +68,8 @@ from collections.abc import Callable
 import torch
 
 from bastion_common.messages import SamplingParams
-from bastion_worker.engine import Batch, Engine
+from bastion_worker.engine.core import Engine
+from bastion_worker.engine.sequence import Batch
 
 log = logging.getLogger(__name__)
 

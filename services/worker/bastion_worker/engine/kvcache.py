@@ -13,7 +13,7 @@ machine, one decode step, dynamic -> buffered: tiny model at 32 rows 1.66 ->
 
 When sequences leave, the rows after the last one kept move into the gaps
 (only those rows are copied); the buffer keeps its rows for later joins.
-Joining (:mod:`bastion_worker.batching`) writes the new rows into spare rows
+Joining (:mod:`bastion_worker.engine.batching`) writes the new rows into spare rows
 of the buffer, which grows (one copy, with a quarter more rows, at least 8)
 only when it has none left or a longer prompt needs columns on the left. It
 had concatenated the two caches into a new tensor of exactly their size,
@@ -41,7 +41,7 @@ from typing import cast
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from bastion_worker.attention import Decoding
+from bastion_worker.model.attention import Decoding
 
 MIN_HEADROOM = 64  # columns
 MIN_ROW_HEADROOM = 8
@@ -160,14 +160,14 @@ class BufferedLayer(DynamicLayer):
         self._k, self._v = _Columns(keys, filled), _Columns(values, filled)
 
     def keep_rows(self, holes: list[int], movers: list[int], rows: int, trim: int) -> None:
-        """See :func:`bastion_worker.batching.keep_rows`."""
+        """See :func:`bastion_worker.engine.batching.keep_rows`."""
         for columns in (self._k, self._v):
             if columns is not None:
                 columns.keep_rows(holes, movers, rows, trim)
 
     def join(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
         """Append rows (another cache's keys and values) in place, both sides
-        left-padded to ``width``; see :func:`bastion_worker.batching.merge_caches`."""
+        left-padded to ``width``; see :func:`bastion_worker.engine.batching.merge_caches`."""
         assert self._k is not None and self._v is not None
         self._k.join(keys, width)
         self._v.join(values, width)
@@ -222,7 +222,7 @@ class BufferedSlidingWindowLayer(BufferedLayer, DynamicSlidingWindowLayer):
 
 class PackedWriter:
     """Stands in for the cache during a packed pass
-    (:mod:`bastion_worker.attention`): each layer's new keys and values, every
+    (:mod:`bastion_worker.model.attention`): each layer's new keys and values, every
     prompt's positions back to back in one row, are scattered into a fresh
     left-padded ``[prompts, kv_heads, width, head_dim]`` cache for the decode
     steps, and handed back as they are for the packed attention.

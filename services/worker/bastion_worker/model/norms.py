@@ -32,7 +32,7 @@ from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bastion_worker import modules
+from bastion_worker.model import modules
 
 
 def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Which waiting requests join the running batch at the next step, and how
-much of a long prompt to prefill in it. Pure Python, no torch: the policy is
-unit-tested on its own.
+"""Every admission decision of the worker: which waiting requests join the
+running batch at the next step, how much of a long prompt to prefill in it,
+what fits the KV budget, and which running sequence to preempt when the next
+step would not. Pure Python, no torch: the policy is unit-tested on its own,
+and the step loop (:mod:`bastion_worker.serving.loop`) only carries it out.
 
 - At most ``max_seqs`` sequences run at once.
 - The prompt tokens prefilled whole in one step stay within
@@ -11,6 +13,10 @@ unit-tested on its own.
   this is); :class:`ChunkSizer` sizes the chunks.
 - Order is by priority, then arrival (FCFS); waiting raises a request's
   effective priority by one level per ``aging_s`` seconds, so nothing starves.
+- Under a KV budget (cached positions, rows x width), admission takes the
+  longest prefix of its choice that fits (:func:`fit_kv_budget`), and the
+  newest, lowest-priority running sequence is preempted while the next step
+  would not fit (:func:`preemption_victim`); it resumes by recomputation.
 """
 
 from __future__ import annotations
@@ -72,6 +78,36 @@ def admit(
         whole.append(w)
         budget -= w.prompt_tokens
     return Admission(whole, chunked)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    request_id: str
+    arrived: float
+    priority: int = 0
+
+
+def fit_kv_budget(chosen: list[Waiting], rows: int, width: int, budget: int) -> list[Waiting]:
+    """The longest prefix of ``chosen`` whose batch fits ``budget`` cached positions,
+    joining a batch of ``rows`` x ``width`` (0 x 0: none). Every row is padded to
+    the widest, and the next step adds one column. One sequence always runs on an
+    empty batch. A budget of 0 means no limit."""
+    while budget and chosen and (rows or len(chosen) > 1):
+        wide = max(width, *(w.prompt_tokens for w in chosen))
+        if (rows + len(chosen)) * (wide + 1) <= budget:
+            break
+        chosen = chosen[:-1]
+    return chosen
+
+
+def preemption_victim(live: list[Running], kv_tokens: int, rows: int, budget: int) -> str | None:
+    """The running sequence to preempt before the next step, or None when the
+    step fits: that step writes one position for each of ``rows`` rows on top of
+    ``kv_tokens``. The newest of the lowest priority goes; the last live
+    sequence never does. A budget of 0 means no limit."""
+    if not budget or len(live) < 2 or kv_tokens + rows <= budget:
+        return None
+    return max(live, key=lambda r: (-r.priority, r.arrived)).request_id
 
 
 # A chunk takes about this many times as long as the decode step beside it, so

@@ -1,100 +1,36 @@
 """The batched forward passes. Owns torch; knows nothing of Redis or HTTP.
 
 New sequences are prefilled together, packed into one row without padding
-(:mod:`bastion_worker.attention`) where the model's attention allows, else
+(:mod:`bastion_worker.model.attention`) where the model's attention allows, else
 left-padded to one length, and, where the cache allows
-(:mod:`bastion_worker.batching`), joined to the running batch; packed, they
+(:mod:`bastion_worker.engine.batching`), joined to the running batch; packed, they
 can also be prefilled in a decode step's own pass and joined after it. Every
 step decodes one token for each live row with the KV cache carried between
-steps (through :mod:`bastion_worker.decode`'s written-out forward where the
+steps (through :mod:`bastion_worker.model.decode`'s written-out forward where the
 architecture has one); finished rows leave the batch at once.
+
+Longer than most modules on purpose: every kind of pass (whole, packed,
+chunked, within a decode step) shares the bookkeeping of the batch, its cache
+and its sampling, which stays here in one class.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from bastion_common.messages import SamplingParams
-from bastion_worker import attention, batching, decode, kvcache
-from bastion_worker.detokenize import IncrementalDetokenizer
-from bastion_worker.loader import LoadedModel
-from bastion_worker.sampling import RowFailure, make_generator, sample
-from bastion_worker.stops import StopMatcher
+from bastion_worker.engine import batching, kvcache
+from bastion_worker.engine.detokenize import IncrementalDetokenizer
+from bastion_worker.engine.sampling import RowFailure, make_generator, sample
+from bastion_worker.engine.sequence import Batch, Sequence, Step
+from bastion_worker.engine.stops import StopMatcher
+from bastion_worker.model import attention, decode
+from bastion_worker.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sequence:
-    """One request's generation state."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new_tokens: int
-    stops: tuple[str, ...]
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    failure: str | None = None  # why, when finish_reason is "error"
-    pending_text: str = ""  # released by detokeniser and stop matcher, not yet published
-    published: bool = False  # the final record went out
-    detok: IncrementalDetokenizer | None = None
-    stopper: StopMatcher | None = None
-    generator: torch.Generator | None = None
-    # Chunked prefill (:meth:`Engine.prefill_part`): context positions in
-    # ``partial``, this sequence's own cache, until the whole context is in.
-    prefilled: int = 0
-    partial: DynamicCache | None = None
-
-    @property
-    def context_length(self) -> int:
-        """Tokens a (re)prefill covers: the prompt and what was generated."""
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class Step:
-    """What one call of :meth:`Engine.step` did."""
-
-    batch: Batch | None  # the running batch after the step
-    chunk_done: bool = False  # the chunked sequence's prefill is complete
-    ready: Batch | None = None  # ... but the batch takes no rows: it waits
-    chunk_failure: Exception | None = None  # the chunk raised; it fails alone
-    decode_s: float | None = None  # a plain decode step's time
-    chunk_s: float | None = None  # a chunk's time, in a pass of its own
-    shared_s: float | None = None  # a decode step's with a chunk in its pass
-
-
-@dataclass
-class Batch:
-    seqs: list[Sequence]
-    cache: DynamicCache  # layers of kvcache.BufferedLayer: written in place, one column per step
-    attention_mask: torch.Tensor  # [B, T]
-    positions: torch.Tensor  # [B] position of each row's latest token
-    last_tokens: torch.Tensor  # [B]
-
-    @property
-    def done(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
-    @property
-    def joinable(self) -> bool:
-        return batching.joinable(self.cache)
-
-    @property
-    def kv_tokens(self) -> int:
-        """Cached positions, padding included: rows times width."""
-        rows, width = self.attention_mask.shape
-        return int(rows * width)
 
 
 class Engine:

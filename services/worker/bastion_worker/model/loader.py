@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bastion_common.errors import InvalidRequestError
 from bastion_common.messages import ChatMessage
-from bastion_worker import attention as packed_attention
-from bastion_worker import decode, norms, onednn
+from bastion_worker.model import attention as packed_attention
+from bastion_worker.model import decode, norms, onednn
 
 log = logging.getLogger(__name__)
 

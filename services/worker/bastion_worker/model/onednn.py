@@ -11,7 +11,7 @@ module swaps each ``nn.Linear`` for a small module calling the same two
 oneDNN operators inductor uses (``mkldnn._reorder_linear_weight`` and
 ``mkldnn._linear_pointwise``), which ship in every x86 CPU build of torch.
 Under ``torch.compile`` each packed layer (and each fused MLP) is one opaque
-operator in the graph (:mod:`bastion_worker.compiled`).
+operator in the graph (:mod:`bastion_worker.model.compiled`).
 
 The packed call has a fixed cost of about 15-45 us, so only fp32 weights of
 at least ``MIN_PACKED`` elements are packed (measured on a 2-core AVX2
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.activations import GELUTanh, SiLUActivation
 
-from bastion_worker import compiled, modules
+from bastion_worker.model import compiled, modules
 
 MIN_PACKED = 1 << 19  # fp32 weight elements; every bf16 weight is packed
 
@@ -224,7 +224,7 @@ class MergedProjections(nn.Module):
     as one packed product: ``forward(x)`` returns the three outputs, views of
     one tensor, side by side in that order. The layer's ``q_proj``, ``k_proj``
     and ``v_proj`` become :class:`ProjectionPart`s of it, for transformers'
-    forward; :mod:`bastion_worker.decode` calls it directly.
+    forward; :mod:`bastion_worker.model.decode` calls it directly.
 
     Measured on Gemma 3 270M's shapes (float32, AVX2 EPYC, weights from
     memory): 0.51 ms at 24 rows against 0.38 ms for the query's packed product

@@ -17,7 +17,7 @@ query and key heads are normalised and rotated as one tensor.
 
 The arithmetic is transformers': the same operations in the same dtypes; only
 attention is called differently: each kv head's query heads are given to SDPA
-as one block of query positions (:func:`bastion_worker.attention.one_token`),
+as one block of query positions (:func:`bastion_worker.model.attention.one_token`),
 padded or not, where transformers' call for an unpadded batch asks SDPA to
 group the heads itself (``enable_gqa``), which on the CPU costs Gemma 3 270M
 (bf16) 152 against 30 us a layer at 1 row (AVX-512 EPYC): its decode step at 1
@@ -28,10 +28,10 @@ unpadded rows (within noise, or a few percent slower). In float32 the logits mat
 transformers' to rounding (tested on the tiny models, sliding windows and left
 padding included) and in bfloat16 Gemma's greedy tokens matched theirs.
 Decode steps, packed passes (prompts back to back, running rows' tokens
-first, :mod:`bastion_worker.attention`) and chunks of a long prompt's prefill
+first, :mod:`bastion_worker.model.attention`) and chunks of a long prompt's prefill
 (alone, or in a decode step's pass) take this path; left-padded prefills
 and other architectures keep transformers' forward. With ``BASTION_COMPILE``
-the same layers run through torch.compile (:mod:`bastion_worker.compiled`).
+the same layers run through torch.compile (:mod:`bastion_worker.model.compiled`).
 Measured (one process, alternated, 2-core AMX Xeon): Gemma 3 270M (bf16) decode
 steps 1.05x faster at 24 rows and 1.07-1.10x at 1 row, a step that also
 prefills two prompts 1.04x, a packed prefill of 24 prompts 1.01x (its cost
@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import rotate_half
 
-from bastion_worker import attention, compiled
-from bastion_worker.norms import GemmaRMSNorm, normalised
+from bastion_worker.model import attention, compiled
+from bastion_worker.model.norms import GemmaRMSNorm, normalised
 
 
 class Decoder:
@@ -112,7 +112,7 @@ class Decoder:
 
     def compile(self) -> None:
         """Run the layers through ``torch.compile`` from now on
-        (:mod:`bastion_worker.compiled`); the first passes compile."""
+        (:mod:`bastion_worker.model.compiled`); the first passes compile."""
         self.compiled_forward = compiled.compile_forward(
             lambda tokens, positions: self._forward(tokens, positions, compiled.attend)
         )
@@ -137,7 +137,7 @@ class Decoder:
         spans: list[tuple[int, int]],
         decoding: attention.Decoding | None,
     ) -> torch.Tensor:
-        """A packed pass (:mod:`bastion_worker.attention`): prompts back to back,
+        """A packed pass (:mod:`bastion_worker.model.attention`): prompts back to back,
         after ``decoding``'s running rows' one token each; logits at ``keep``."""
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

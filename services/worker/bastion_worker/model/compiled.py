@@ -1,4 +1,4 @@
-"""``torch.compile`` for the written-out forward (:mod:`bastion_worker.decode`).
+"""``torch.compile`` for the written-out forward (:mod:`bastion_worker.model.decode`).
 
 Inductor cannot trace two things in a forward pass: oneDNN's packed weights
 (an opaque tensor layout fake tensors do not model) and the KV cache's

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
-from bastion_worker.kvcache import BufferedLayer, BufferedSlidingWindowLayer, kv_layers
+from bastion_worker.engine.kvcache import BufferedLayer, BufferedSlidingWindowLayer, kv_layers
 
 
 def _holds_everything(layer: object) -> bool:

@@ -1,0 +1,1 @@
+"""Batched generation on one model: sequences, their cache, sampling and text."""
