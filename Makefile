@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) -m bench.throughput_check
 	$(PY) -m bench.long_prompt
 	$(PY) -m bench.fuzz
+	$(PY) -m bench.thread_count
 	$(PY) -m bench.quantization
 
 # vLLM's CPU build in a side environment, for system (e) of `make bench`: torch

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -93,14 +94,39 @@ def test_choose_times_the_engine_and_sets_the_count(tiny_lm):
         torch.set_num_threads(before)
 
 
-def test_a_compiled_engine_is_warmed_up_again_on_the_count_picked(tiny_lm, monkeypatch, tmp_path):
-    """Compiled graphs hold the thread count they were compiled at: where the
-    pick differs from the count of the first warm-up, the start-up compiles
-    what a first request would otherwise (a one-row decode among them)."""
+def test_the_count_comes_from_the_model_and_the_cores():
+    assert threads.default_count(params=2_000_000, cores=16, small_model_params=50_000_000) == 1
+    assert threads.default_count(params=270_000_000, cores=2, small_model_params=50_000_000) == 2
+    assert threads.default_count(params=270_000_000, cores=0, small_model_params=50_000_000) == 1
+    assert 1 <= threads.usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_start_up_sets_the_count_without_timing_anything(tiny_lm, monkeypatch, tmp_path):
+    """The tiny model is small: one thread, whatever the machine is doing."""
+
+    def timed(*args, **kwargs):
+        raise AssertionError("start-up must not time thread counts")
+
+    monkeypatch.setattr(threads, "choose", timed)
+    monkeypatch.setattr(threads, "wait_until_quiet", timed)
+    before = torch.get_num_threads()
+    try:
+        ready(Engine(tiny_lm), WorkerSettings(model_path=tmp_path, max_batch_size=4))
+        assert torch.get_num_threads() == 1
+        settings = WorkerSettings(model_path=tmp_path, max_batch_size=4, small_model_params=0)
+        ready(Engine(tiny_lm), settings)
+        assert torch.get_num_threads() == threads.usable_cores()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_compiled_engine_warms_up_once_on_the_count_it_serves_with(tiny_lm, tmp_path):
+    """Compiled graphs hold the thread count they were compiled at: the count
+    is set before the warm-up, so a first request compiles nothing (a one-row
+    decode among them)."""
     before = torch.get_num_threads()
     other = 1 if before > 1 else 2
-    monkeypatch.setattr(threads, "pick", lambda timings: other)
-    settings = WorkerSettings(model_path=tmp_path, max_batch_size=4)
+    settings = WorkerSettings(model_path=tmp_path, max_batch_size=4, torch_threads=other)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     try:
         engine = ready(Engine(dataclasses.replace(tiny_lm, compiled=True)), settings)

@@ -40,21 +40,17 @@ def warmed(engine: Engine, choice: str | bool) -> Engine:
 
 
 def ready(engine: Engine, settings: WorkerSettings) -> Engine:
-    """``engine`` warmed up and on the thread count it serves with. Call it on
-    the thread that runs the engine's steps.
-
-    A compiled engine is warmed up again where the thread count picked after
-    the first warm-up differs from it: Dynamo's guards hold the count a graph
-    was compiled at, so otherwise the first requests would compile their
-    shapes. `make run` on the AMX Xeon picked 1 thread for Gemma 3 270M after
-    warming up on 2, and its first request (16 tokens) took 32 s against
-    2.0-2.2 s for the next ones."""
+    """``engine`` on the thread count it serves with, then warmed up. Call it on
+    the thread that runs the engine's steps. The count is set first because
+    compiled graphs hold the count they were compiled at."""
+    if engine.lm.device.type == "cpu":
+        count = settings.torch_threads or threads.default_count(
+            engine.lm.params, threads.usable_cores(), settings.small_model_params
+        )
+        threads.pin(count)
+        log.info("torch threads: %d (model of %d parameters)", count, engine.lm.params)
     if engine.lm.compiled:
         engine = warmed(engine, settings.compile)
-    if not settings.torch_threads and engine.lm.device.type == "cpu":
-        warmed_at = torch.get_num_threads()
-        if threads.choose(engine, settings.max_batch_size) != warmed_at and engine.lm.compiled:
-            engine = warmed(engine, settings.compile)
     return engine
 
 
@@ -68,7 +64,7 @@ async def serve(settings: WorkerSettings) -> None:
     await asyncio.to_thread(threads.pin, settings.torch_threads or torch.get_num_threads())
     # The event loop's thread keeps one: its few torch calls (dropping finished
     # rows from the cache) would otherwise start a second OpenMP team beside the
-    # engine's, and then every step is slower (Gemma 3 270M at 1 row: 35 -> 50 ms).
+    # engine's, which slows every step.
     threads.pin(1)
     try:
         lm = await asyncio.to_thread(

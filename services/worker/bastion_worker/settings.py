@@ -59,9 +59,10 @@ class WorkerSettings(CommonSettings):
     # time, the worker holding it stopped) is answered with an error instead
     # of being tried again: a dead-letter queue's redelivery limit.
     max_deliveries: int = Field(2, ge=1, le=100)
-    # CPU threads for torch; unset: the fewest that make a decode step nearly as
-    # fast as the most would, timed at start-up (threads.py).
+    # CPU threads for torch; unset: 1 for a model under small_model_params
+    # parameters, else every core the worker may run on (threads.py).
     torch_threads: int | None = Field(None, ge=1)
+    small_model_params: int = Field(50_000_000, ge=0)
 
     @property
     def served_name(self) -> str:

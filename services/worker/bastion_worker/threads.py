@@ -1,59 +1,15 @@
-"""How many threads torch uses on the CPU, chosen by measurement at start-up.
+"""How many threads torch uses on the CPU.
 
-More intra-op threads make large matrix products faster, but the worker
-shares the machine with its own event loop and with the gateway, guard and
-Redis; a step whose threads wait at a barrier for a core someone else holds
-stalls as a whole. Measured on the 2-core development machine: the tiny test
-model's decode step at 32 rows takes 1.1 ms on 1 thread and on 2 alone, yet
-the worker serving 32 clients made 4,000-4,400 tokens/s on 2 threads and
-6,300-7,500 on 1 (4,400-4,970 against 4,900-6,170 measured again once the
-event loop's thread no longer started an OpenMP team of its own); Gemma 3
-270M's step at 24 rows takes 109 ms on 1 thread and
-65 ms on 2, and the worker made 108 against 146 tokens/s. So the worker times
-a decode step of a full batch on 1, 2, 4, ... threads (up to the cores torch
-would use) and keeps the fewest that come within ``SLACK`` of the fastest;
-where a step takes ``LONG_STEP_S`` or more, the most that come within
-``LONG_SLACK`` of it.
+At start-up the count comes from the settings and the hardware, never from a
+timing: ``BASTION_TORCH_THREADS`` where set, else :func:`default_count`. A
+small model's steps are too short for a second thread to pay on a machine
+shared with the gateway, guard and Redis (threads wait at a barrier for a core
+someone else holds); a larger model's products gain from every core. A
+calibration at start-up raced against whatever else ran then, and on a busy
+machine picked one thread where two were much faster (``bench/history.md``).
 
-The counts are timed in turn over several rounds, each visit keeping its
-fastest step, and each count is judged by its median visit. Started with
-the rest of the platform, the worker calibrates while the other services
-load; timed one count after the other, a burst of their work
-could cover all of one count's steps. In one bench run the end-to-end worker
-served Gemma at 1 client with 120 ms between tokens against 89 ms alone, and
-at 32 clients made 72 against 101 tokens/s: as if on 1 thread, where 2 were
-1.36-1.67x faster alone. A rerun that logged the choice picked 2 and made
-10.4 and 97.5 tokens/s. The rounds did not end it: in the next bench run, the
-worker alone ran at one-thread speed (118 ms between tokens at 1 client) on a
-machine whose speed changed within minutes.
-
-The cause, found later: started with the rest of the platform, the worker
-timed its steps while the gateway, guard and auditor were still loading. In
-one bench run on the AMX Xeon, the platform's worker timed Gemma's step at
-74.5 ms on 1 thread and 64.1 on 2 (1.16x, so it kept 1), where the worker
-started alone minutes earlier timed 68.0 and 45.5 ms (1.49x, so 2); the
-platform then served at 66% of the worker alone. So the worker first waits
-(at most ``QUIET_LIMIT_S``) until the machine is quiet: less than
-``QUIET_SHARE`` of one core busy over ``QUIET_WINDOW_S``, from /proc/stat.
-Where it never gets quiet (a busy node), it times what it gets.
-
-Judged by its single fastest step, the pick was still fragile on a slow
-machine: one start of the platform's worker timed the tiny model's step at
-2.3 ms on 1 thread and 1.5 ms on 2 (1.53x) and kept 2, where eight
-calibrations in a row in one process measured 2 threads 1.01-1.23x faster;
-with 2 threads end to end fell to half of the worker alone. The whole
-calibration of the tiny model took about 0.1 s, so one disturbance of that
-length could decide it. So each visit is short (``STEPS`` steps), the rounds
-go on until ``MIN_CALIBRATION_S`` has passed (at least ``ROUNDS``, at most
-``MAX_ROUNDS``), and a count's time is the median of its visits: a
-disturbance must cover most of a count's visits, spread over half a second
-or more, to move the pick.
-
-A disturbance that lasts the whole calibration still can (a long step's tie
-keeps the more threads for that reason, see ``LONG_SLACK``), and the wait
-for a quiet machine, before it, does not see one that starts later. So the
-log line of the pick also says how much of a core everything else on the
-machine kept busy while the steps were timed.
+The calibration itself (:func:`choose`) remains, for ``bench/thread_count.py``,
+which times the counts on a quiet machine and prints the setting to use.
 """
 
 from __future__ import annotations
@@ -73,21 +29,13 @@ from bastion_worker.engine.sequence import Batch
 
 log = logging.getLogger(__name__)
 
-# More threads must make a step at least this much faster alone: the tiny
-# model's step was up to 1.17x faster on 2 threads alone (noise included) yet
-# the worker was 40% slower under load; Gemma's is 1.6x faster and 1.35x under load.
+# More threads must make a step at least this much faster alone to pay under
+# load, where they also compete with the rest of the platform.
 SLACK = 1.3
-# A step at least LONG_STEP_S long (on its fastest count) is the model's
-# arithmetic, not the threads' hand-offs: more threads pay under load as well,
-# and a calibration that finds no gain has most likely been disturbed. So
-# such a step keeps the most threads within LONG_SLACK of the fastest. On the
-# AMX Xeon six calibrations of Gemma's step in a row measured 2 threads 1.23,
-# 1.44, 1.58, 1.54, 1.56 and 1.61x faster than 1, and the platform's worker
-# once 1.16x; the worker then served at 1.5x on 2 threads. On an AVX2 EPYC
-# (Zen 1) the platform's worker timed Gemma (fp32) at 400.5 ms on 1 thread and
-# 401.5 on 2 and kept 1, where the worker started a minute before timed 397.1
-# and 286.0 (and 381-388 against 217-233 in three starts after): the platform
-# served 32 clients at 56% of the worker alone.
+# A step at least LONG_STEP_S long is the model's arithmetic, not the threads'
+# hand-offs: more threads pay under load as well, and a calibration that finds
+# no gain has most likely been disturbed, so such a step keeps the most
+# threads within LONG_SLACK of the fastest.
 LONG_STEP_S = 0.02
 LONG_SLACK = 1.1
 ROWS = 16  # most rows timed (a bigger batch only makes start-up slower)
@@ -149,6 +97,19 @@ def wait_until_quiet(limit_s: float = QUIET_LIMIT_S) -> float:
             break
         before = after
     return time.monotonic() - start
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_count(params: int, cores: int, small_model_params: int) -> int:
+    """The thread count for a model of ``params`` parameters on ``cores`` cores."""
+    return 1 if params < small_model_params else max(1, cores)
 
 
 def pin(n: int) -> None:

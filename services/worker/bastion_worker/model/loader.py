@@ -41,6 +41,7 @@ class LoadedModel:
     chat_template: str
     chat_stops: tuple[str, ...]
     compiled: bool = False  # the engine's written-out forward runs through torch.compile
+    params: int = 0  # the model's parameter count, as loaded
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -242,4 +243,6 @@ def load(
         context,
         params,
     )
-    return LoadedModel(model, tokenizer, device, context, eos, int(pad), template, stops, compiled)
+    return LoadedModel(
+        model, tokenizer, device, context, eos, int(pad), template, stops, compiled, params
+    )
