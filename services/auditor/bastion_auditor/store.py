@@ -72,11 +72,9 @@ class AuditStore:
         self._lock = threading.Lock()
         with self._lock:
             self._client.command(DDL)
-            # Reused for every insert: made afresh, each insert first asks the
-            # engine for the columns' types (a DESCRIBE); with chdb, a one-row
-            # insert cost 14.4 and 11.3 against 12.1 and 9.2 ms of CPU reused
-            # (medians of 6 alternated rounds of 20 inserts, two runs).
-            # Only its data changes, under the lock (it is not thread-safe).
+            # Reused for every insert: made afresh, each insert would first ask
+            # the engine for the columns' types (a DESCRIBE). Only its data
+            # changes, under the lock (it is not thread-safe).
             self._insert = self._client.create_insert_context(TABLE, column_names=list(COLUMNS))
         # clickhouse-connect imports pandas, when installed, on the first insert
         # (to check whether the rows are a DataFrame). That cost 0.3-1 s of CPU,

@@ -28,9 +28,7 @@ CONFIG_EXIT = 2
 log = logging.getLogger("bastion.supervisor")
 # BASTION_CPU_NICE of every service but the worker, where the environment sets
 # none: the forward passes come first on a machine they share
-# (bastion_common.priority). Tiny model, 2 cores, two platforms alternated in
-# one process: at nice 10 a median 1.04x the throughput of nice 0 at 32
-# clients (16 rounds), 1.19x at 8 (6 rounds); README, architecture.
+# (bastion_common.priority; docs/architecture.md).
 FRONT_NICE = "10"
 
 

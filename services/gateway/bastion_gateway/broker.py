@@ -63,8 +63,8 @@ class Broker:
         catches up with one pass through the output filter instead of one per token.
         """
         box = self._reader.mailbox(request.id)
-        # One timer for the whole wait, not one per record (a wait_for cost 7.4 us
-        # of CPU more than a plain wait).
+        # One timer for the whole wait, not one per record: a wait_for per
+        # record costs CPU on every token.
         timer = asyncio.get_running_loop().call_later(
             max(0.0, request.deadline - time.time()), box.expire
         )

@@ -1,9 +1,8 @@
 """Pattern matching in time linear in the input, through RE2 (google-re2).
 
 Python's ``re`` backtracks: a pattern that can start at many places and scan
-far from each takes quadratic time or worse on text built for it (figures in
-bench/history.md, 2026-12-08). RE2 guarantees linear time for every pattern
-it accepts. It has no lookaround and
+far from each takes quadratic time or worse on text built for it. RE2
+guarantees linear time for every pattern it accepts. It has no lookaround and
 no backreferences; the entity finders that need them keep ``re``, with every
 quantifier bounded (:mod:`bastion_guard.entities`).
 

@@ -2,36 +2,21 @@
 
 transformers' DynamicCache concatenates every new position onto the whole
 cache, so each decode step copies every layer's keys and values, a cost that
-grows with the context. Here a layer keeps a buffer
-wider than what it holds; a step writes one column into it and the model
-attends to a view of the filled part. A buffer is reallocated (one copy) only
-when it is full, with headroom of a quarter of its length, so the copying per
-step is constant instead of growing with the context. Measured on this 2-core
-machine, one decode step, dynamic -> buffered: tiny model at 32 rows 1.66 ->
-1.51 ms at 214 positions, 5.1 -> 2.8-3.5 ms at 909; Gemma 3 270M at 24 rows
-70 -> 63 ms at 134 positions, 100 -> 89 ms at 437.
+grows with the context. Here a layer keeps a buffer wider than what it holds;
+a step writes one column into it and the model attends to a view of the
+filled part. A buffer is reallocated (one copy) only when full, with headroom
+of a quarter of its length, so the copying per step stays constant.
 
-When sequences leave, the rows after the last one kept move into the gaps
-(only those rows are copied); the buffer keeps its rows for later joins.
-Joining (:mod:`bastion_worker.engine.batching`) writes the new rows into spare rows
-of the buffer, which grows (one copy, with a quarter more rows, at least 8)
-only when it has none left or a longer prompt needs columns on the left. It
-had concatenated the two caches into a new tensor of exactly their size,
-which the next step's write then had to grow again: two copies of every
-layer's cache per join. Gemma 3 270M at 28 rows and about 115 positions
-(AMX Xeon, bf16): a join 6.6-7.5 -> 1.0-1.4 ms, and the decode step after it
-65-73 -> 54-58 ms (the rows' cache had to grow). A packed prefill's buffers
-get the same headroom: allocated exactly full, they made the first decode step
-after it copy every layer's cache (Gemma 3 270M, 24 prompts: 36 buffers, 43 MB;
-that step's excess over the next ones, alternated in one process, 6.4 -> -1.2
-ms at the median in one run of eight rounds, 0.5 -> 1.1 ms in another: within
-the AVX-512 EPYC's noise, but one copy of the cache fewer per prefill).
-Other code may still assign whole tensors to ``layer.keys`` /
-``layer.values``; the layer adopts them as its buffer.
+Rows work the same way: when sequences leave, the rows after the last one kept
+move into the gaps (only those are copied), and joining
+(:mod:`bastion_worker.engine.batching`) writes new rows into spare ones; the
+buffer grows only when it has none left or a longer prompt needs columns on
+the left. A packed prefill's buffers get the same headroom, so the first step
+after it writes in place. Code that assigns whole tensors to ``layer.keys`` /
+``layer.values`` still works: the layer adopts them as its buffer.
 
-Written here rather than taken from transformers' StaticCache: that cache is
-sized once for a fixed batch, while continuous batching changes the rows
-between steps.
+Not transformers' StaticCache: that is sized once for a fixed batch, while
+continuous batching changes the rows between steps.
 """
 
 from __future__ import annotations
@@ -105,9 +90,8 @@ class _Columns:
         """Fill the rows at ``holes`` with those at ``movers`` (only these are
         copied), keep the first ``rows`` and drop ``trim`` leading positions."""
         # One slice copy per moved row: usually one or two rows leave a step,
-        # and indexing with the lists (a gather and a scatter) cost Gemma 3's
-        # 36 buffers 1.66 ms for one row against 0.43 ms this way (AVX-512 EPYC,
-        # 130 positions), a pause between every two steps in which a row left.
+        # and indexing with the lists (a gather and a scatter) cost several
+        # times as much, a pause between two steps.
         span = slice(self.start, self.end)
         for hole, mover in zip(holes, movers, strict=True):
             self.data[hole, :, span] = self.data[mover, :, span]

@@ -1,30 +1,19 @@
 """``torch.compile`` for the written-out forward (:mod:`bastion_worker.model.decode`).
 
-Inductor cannot trace two things in a forward pass: oneDNN's packed weights
-(an opaque tensor layout fake tensors do not model) and the KV cache's
-bookkeeping (Python objects written in place). With torch 2.13 it also fails
-to lower SDPA at the worker's cache shapes ("Exponent must be non-negative").
-So both go into the graph as opaque operators, as vLLM does with its own
-attention and GEMM kernels: an :class:`Opaque` layer (a packed product or a
-fused MLP) is one operator that runs it eagerly, and :func:`attend` runs the
-pass's attention for a layer, which the caller hands over with
-:func:`attending`. Everything between them (embedding scale, norms, rotary,
-residuals, activations of merged MLPs) is what Inductor fuses into a few C++
-loops.
+Inductor cannot trace oneDNN's packed weights (a layout fake tensors do not
+model) or the KV cache's bookkeeping (Python objects written in place), and
+with torch 2.13 it fails to lower SDPA at the worker's cache shapes. So both go
+into the graph as opaque operators, as vLLM does with its own kernels: an
+:class:`Opaque` layer (a packed product or a fused MLP) is one operator run
+eagerly, and :func:`attend` runs a layer's attention, handed over with
+:func:`attending`. Inductor fuses everything between them (norms, rotary,
+residuals, casts) into a few C++ loops.
 
-Only the rows (or packed tokens) vary between passes, so one graph with a
-symbolic length serves decode steps and packed passes alike, plus one for a
-single row, which torch specialises. Measured on the AMX Xeon (Gemma 3 270M,
-bf16, quiet): a decode step at 28 rows 49-51 against 56-58 ms eager, at 1 row
-the same (34-35 ms); a packed prefill of 24 prompts (1,394 tokens) 302-310
-against 349-415 ms. The worker alone serving 32 clients (two compiled and two
-eager workers alternated, three rounds each): Gemma 299-335 against 279-323
-tok/s, about 4% more at the median; the tiny model (float32, small dense
-layers that Inductor calls as they are) 7,358-7,619 against 8,059-8,419, 10%
-less. So it stays off by default. Compiling takes about 40 s at start-up
-(about 15 s with Inductor's cache of an earlier start). In bfloat16 the fused
-work stays in float32 between operations instead of rounding after each, so
-greedy tokens can differ from the eager path's; in float32 they match (tested).
+Only the rows vary between passes, so one graph with a symbolic length serves
+decode steps and packed passes, plus one for a single row. It pays for bf16
+models with packed layers and costs fp32 ones (docs/worker.md). In bfloat16
+the fused work stays in float32 between operations, so greedy tokens can
+differ from the eager path's; in float32 they match (tested).
 """
 
 from __future__ import annotations

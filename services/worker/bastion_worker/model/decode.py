@@ -2,43 +2,22 @@
 run through transformers' module stack.
 
 A decode step computes one token for each of a few dozen rows, so beyond the
-matrix products its cost is the number of small operations and Python calls,
-not their arithmetic. Through transformers, each step builds attention masks
-from the padding mask, goes through several wrappers per layer (deprecated
-arguments, checkpointing, output capture) and the attention registry, and
-normalises and rotates queries and keys separately: 2,200 torch calls a Gemma
-3 270M step, 1,580 here. The weights, norms, MLPs and KV cache are the
-model's own modules (the packed, merged and fused ones where the loader
-swapped them in; a merged query, key and value product is called once and
-sliced); only the glue between them is written out: the padding mask is the mask
-(a sliding-window layer attends to its last columns, which is all its cache
-keeps), the rotary tables are computed once per layer type, and each layer's
-query and key heads are normalised and rotated as one tensor.
+matrix products its cost is the number of small operations and Python calls.
+Through transformers each step builds masks, passes several wrappers per layer
+and normalises and rotates queries and keys separately. Here the weights,
+norms, MLPs and cache are the model's own modules (the packed, merged and fused
+ones where the loader swapped them in); only the glue is written out: the
+padding mask is the mask, rotary tables are computed once per layer type, a
+layer's query and key heads are normalised and rotated as one tensor, and each
+kv head's query heads go to SDPA as one block of query positions
+(:func:`bastion_worker.model.attention.one_token`), which the CPU runs much
+faster than SDPA's own grouping.
 
-The arithmetic is transformers': the same operations in the same dtypes; only
-attention is called differently: each kv head's query heads are given to SDPA
-as one block of query positions (:func:`bastion_worker.model.attention.one_token`),
-padded or not, where transformers' call for an unpadded batch asks SDPA to
-group the heads itself (``enable_gqa``), which on the CPU costs Gemma 3 270M
-(bf16) 152 against 30 us a layer at 1 row (AVX-512 EPYC): its decode step at 1
-row took 43.7 against 45.6 ms, at 8 unpadded rows 44.9 against 60.1 ms
-(alternated in one process), with the same greedy tokens; the tiny model's
-0.50 against 0.49 ms at 1 row and 1.11-1.48 against 1.02-1.43 ms at 8
-unpadded rows (within noise, or a few percent slower). In float32 the logits match
-transformers' to rounding (tested on the tiny models, sliding windows and left
-padding included) and in bfloat16 Gemma's greedy tokens matched theirs.
-Decode steps, packed passes (prompts back to back, running rows' tokens
-first, :mod:`bastion_worker.model.attention`) and chunks of a long prompt's prefill
-(alone, or in a decode step's pass) take this path; left-padded prefills
-and other architectures keep transformers' forward. With ``BASTION_COMPILE``
-the same layers run through torch.compile (:mod:`bastion_worker.model.compiled`).
-Measured (one process, alternated, 2-core AMX Xeon): Gemma 3 270M (bf16) decode
-steps 1.05x faster at 24 rows and 1.07-1.10x at 1 row, a step that also
-prefills two prompts 1.04x, a packed prefill of 24 prompts 1.01x (its cost
-is the matrix products); the tiny model (fp32) 1.45x at 32 rows, 1.62x at 1,
-1.15x joining two prompts. Written here because neither library has a lighter
-forward for a batch whose rows are at different positions; vLLM writes its
-models out the same way, over its own kernels.
+The arithmetic is transformers': in float32 the logits match theirs to
+rounding (tested, sliding windows and left padding included). Decode steps,
+packed passes and chunks of a long prompt take this path; left-padded
+prefills and other architectures keep transformers' forward. vLLM writes its
+models out the same way, over its own kernels. Measurements: bench/history.md.
 """
 
 from __future__ import annotations

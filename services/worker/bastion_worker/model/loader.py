@@ -75,10 +75,9 @@ def pick_device(choice: str) -> torch.device:
 
 def pick_dtype(choice: str, device: torch.device, stored: Any = None) -> torch.dtype:
     """``auto``: bf16 on CUDA. On the CPU, a model stored in bf16 runs in bf16
-    where the CPU has it natively (packed bf16 layers decode Gemma 3 270M 1.36x
-    faster than packed fp32 there), anything else in fp32 (bf16 matmuls without
-    native support are slower than fp32). vLLM's ``auto`` also keeps a bf16
-    model in bf16."""
+    where the CPU has it natively (faster than fp32 there), anything else in
+    fp32 (bf16 matmuls without native support are slower than fp32). vLLM's
+    ``auto`` also keeps a bf16 model in bf16."""
     if choice == "auto":
         if device.type == "cuda":
             return torch.bfloat16
@@ -162,9 +161,9 @@ def pick_compile(
 ) -> bool:
     """``auto``: compile a bfloat16 model with packed layers on the CPU that the
     written-out forward runs. There Inductor fuses the casts, norms and rotary
-    work between the products: Gemma 3 270M served 1.04-1.07x faster (three
-    machines), while the tiny float32 model served 10% slower. An explicit
-    true stays true, and the engine says at start-up if the model cannot."""
+    work between the products and serves faster, while a small float32 model
+    served slower. An explicit true stays true, and the engine says at
+    start-up if the model cannot."""
     if choice != "auto":
         return bool(choice)
     return (

@@ -1,28 +1,17 @@
 """RMSNorm layers in a few large operations instead of transformers' six to
 ten small ones each.
 
-A decode step's cost outside the matrix products is mostly the dispatch of
-many tiny operations: Gemma 3 270M runs 109 RMSNorms a step (six per layer),
-each ten operations on a few hundred numbers per row. In a packed prefill the
-same layers see over a thousand rows, and there each of those operations is a
-full pass over a float32 copy of the input. Here the input is cast to float32
-once (bfloat16), the sum of squares is one ``torch.linalg.vector_norm`` pass
-over that copy, the products are made in place on it, and the scale (Gemma's
-``1 + weight`` in float32) is computed once at load instead of every call. The
-arithmetic is transformers' up to float32 rounding of the mean square (taken
-as the squared norm over ``n``): outputs match theirs to the last bit but for
-about one element in 10^5 in bfloat16, which moves by one bfloat16 step
-(tested).
+Outside the matrix products a decode step's cost is the dispatch of many tiny
+operations (Gemma 3 270M runs 109 RMSNorms a step), and in a packed prefill
+each of those operations is a full pass over a float32 copy of the input.
+Here the input is cast to float32 once, the sum of squares is one
+``torch.linalg.vector_norm`` pass, the products are made in place, and
+Gemma's ``1 + weight`` scale is computed once at load. Outputs match
+transformers' to the last bit but for about one element in 10^5 in bfloat16,
+one bfloat16 step off (tested).
 
-Measured on Gemma 3 270M (bf16, 2 cores): one norm over a 1,403-token packed
-prefill, 4.99 -> 0.60 ms ([1403, 640]) and 9.84 -> 1.68 ms (the query heads'
-norm, [1403, 4, 256]), against transformers' operations in ``torch.rms_norm``
-form; the same at a decode step's 24 rows (31 against 35 us). An earlier form,
-``torch.rms_norm`` (composite on the CPU), took the Gemma step at 24 rows from
-76.6 to 71.6 ms against transformers' layers.
-
-Only the two layer types whose arithmetic is written out here are swapped
-(Gemma 3's and Llama's); other models keep their own.
+Only Gemma 3's and Llama's norms, whose arithmetic is written out here, are
+swapped; other models keep their own.
 """
 
 from __future__ import annotations
@@ -41,9 +30,7 @@ def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
     # A narrower dtype is cast once, and both the sum of squares and the product
     # take the float32 copy: the same numbers, but a product of a bfloat16 and
     # a float32 tensor takes torch's slower mixed-dtype loop, and the norm
-    # would cast the input again on its own. On the AMX Xeon, one norm over
-    # [1394, 640]: 0.77-0.98 -> 0.51-0.60 ms (a whole prefill's change was
-    # within that machine's minute-to-minute noise).
+    # would cast the input again on its own.
     wide = x if x.dtype == torch.float32 else x.float()
     norm = torch.linalg.vector_norm(wide, dim=-1, keepdim=True)
     inverse = torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))

@@ -1,29 +1,22 @@
 """Linear layers on the CPU through oneDNN with weights packed once at load.
 
-``torch.nn.Linear`` on the CPU multiplies with the weight in its stored
-layout, re-blocking it on each call; at decode shapes (a few rows against a
-large weight) that costs about half the time. oneDNN can reorder the weight
-once into its blocked layout and reuse it on every call, which is what
-torch.compile's CPU "freezing" and Intel's extension do. Neither fits here:
-compiling needs static shapes that a continuous batch does not have, and
-Intel's extension is discontinued and pinned to older torch releases. So this
-module swaps each ``nn.Linear`` for a small module calling the same two
-oneDNN operators inductor uses (``mkldnn._reorder_linear_weight`` and
-``mkldnn._linear_pointwise``), which ship in every x86 CPU build of torch.
-Under ``torch.compile`` each packed layer (and each fused MLP) is one opaque
-operator in the graph (:mod:`bastion_worker.model.compiled`).
+``torch.nn.Linear`` on the CPU re-blocks the weight on every call; at decode
+shapes (a few rows against a large weight) that is about half the time.
+oneDNN can reorder the weight once into its blocked layout and reuse it, as
+torch.compile's "freezing" and Intel's extension do; neither fits (freezing
+wants static shapes, the extension is discontinued). So each ``nn.Linear`` is
+swapped for a small module calling the two oneDNN operators Inductor uses
+(``mkldnn._reorder_linear_weight``, ``mkldnn._linear_pointwise``), which ship
+in every x86 CPU build of torch. Under ``torch.compile`` each packed layer is
+one opaque operator (:mod:`bastion_worker.model.compiled`).
 
-The packed call has a fixed cost of about 15-45 us, so only fp32 weights of
-at least ``MIN_PACKED`` elements are packed (measured on a 2-core AVX2
-machine: 640x1024 and larger gain from batch 8 up, the output head about 2x;
-a tiny model's 64x128 layers lose 8x). bf16 weights are all packed: torch's
-dense bf16 product on the CPU costs as much as the packed call even at 64x128,
-and more from there (640x256 at 1 row: 28 against 20 us; at 24 rows: 45
-against 36 us, on an AVX512-BF16 EPYC). Results match ``nn.Linear`` to float rounding
-(about 1e-6 in fp32). A tied output head gets its own packed copy; the input
-embedding keeps the original. bfloat16 weights pack too where the CPU has
-native bf16 (AVX512-BF16 or AMX): Gemma 3 270M's decode step at 24 rows took
-45.7 ms in packed bf16 against 62 ms in packed fp32 on an AVX512-BF16 EPYC.
+The packed call has a fixed cost, so only fp32 weights of at least
+``MIN_PACKED`` elements are packed; bf16 weights are all packed where the CPU
+has native bf16, since torch's dense bf16 product is never faster. Results
+match ``nn.Linear`` to float rounding. A tied output head gets its own packed
+copy; the input embedding keeps the original. Gated MLPs and attention
+projections can also run merged or fused (below); each form was chosen by
+measurement (bench/history.md).
 """
 
 from __future__ import annotations
@@ -100,9 +93,8 @@ class FusedMLP(compiled.Opaque):
 
     The activation now sees the gate's product at float32 accumulator precision
     instead of rounded to the model's dtype, so in bfloat16 the output moves by
-    rounding (closer to a float32 reference; tested). Measured on Gemma 3 270M's
-    MLP shape (bf16, AMX, 2 cores): 25.8 -> 22.1 ms at 1,403 rows (a packed
-    prefill), 0.96 -> 0.86 ms at 24 rows, 0.55 -> 0.50 ms at 1 row.
+    rounding (closer to a float32 reference; tested). Faster in bf16 at every
+    row count measured.
     """
 
     gate: PackedLinear  # the model's projections, packed by pack_linears first
@@ -159,13 +151,10 @@ class MergedMLP(nn.Module):
     projections as one packed product twice as wide, split, then the model's
     own activation and multiply; ``down`` is packed by :func:`pack_linears`.
 
-    In float32 on an AVX2 CPU (2-core EPYC, Gemma 3 270M's shape, 6 layers
-    timed in turn so the weights come from memory) this beats
-    :class:`FusedMLP`: 68.4 against 78.6 ms at 1,394 rows (a packed prefill),
-    1.50 against 1.99 ms at 24, 0.50 against 0.55 ms at 1. One product reads
-    its input once and blocks better than two half as wide, and oneDNN's
-    tanh-GELU post-op costs more there than torch's own GELU. The arithmetic
-    is the model's, in its order (the products' rounding aside: about 1e-6).
+    In float32 this beats :class:`FusedMLP`: one product reads its input once
+    and blocks better than two half as wide, and oneDNN's tanh-GELU post-op
+    costs more than torch's own GELU. The arithmetic is the model's, in its
+    order (the products' rounding aside: about 1e-6).
     """
 
     down: nn.Module
@@ -226,16 +215,9 @@ class MergedProjections(nn.Module):
     and ``v_proj`` become :class:`ProjectionPart`s of it, for transformers'
     forward; :mod:`bastion_worker.model.decode` calls it directly.
 
-    Measured on Gemma 3 270M's shapes (float32, AVX2 EPYC, weights from
-    memory): 0.51 ms at 24 rows against 0.38 ms for the query's packed product
-    and 0.22 ms for each of the key's and value's dense ones (below
-    :data:`MIN_PACKED` alone); 0.18 against 0.31 ms at 1 row. In bfloat16
-    (AVX-512 EPYC, all packed): 0.126 against 0.16 ms at 24 rows, 0.032
-    against 0.105 ms at 1 row; Gemma 3's whole decode step at 1 row 30.9
-    against 32.9 ms and at 8 rows 38.3 against 39.8 ms (medians of 40 steps
-    alternated with a model without the merge; faster in 31 and 23 of the
-    40 pairs), level at 24 rows and in a packed prefill, the same greedy
-    tokens.
+    One product of three times the width beats three products (the key's and
+    value's alone too small to pack in float32), in float32 and bfloat16,
+    with the same greedy tokens.
     """
 
     def __init__(self, layers: list[nn.Linear]) -> None:
