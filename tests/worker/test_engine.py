@@ -68,12 +68,12 @@ def test_greedy_batch_equals_generate_for_every_row(tiny_lm):
     _run(engine, seqs)
     for seq, prompt in zip(seqs, ids, strict=True):
         ref = tiny_lm.model.generate(
-            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens, do_sample=False
+            torch.tensor([prompt]), max_new_tokens=seq.max_tokens, do_sample=False
         )[0, len(prompt) :].tolist()
         assert seq.output_ids == ref[: len(seq.output_ids)]
         assert seq.finish_reason in ("length", "stop")
         if seq.finish_reason == "length":
-            assert len(seq.output_ids) == seq.max_new_tokens
+            assert len(seq.output_ids) == seq.max_tokens
 
 
 def test_seed_reproduces_and_differs_between_seeds(tiny_lm):
@@ -150,10 +150,10 @@ def test_sequences_joining_and_leaving_mid_batch_match_generate(tiny_lm, in_step
         batch = engine.evict(batch)
     for seq, prompt in zip(everyone, prompts, strict=True):
         ref = tiny_lm.model.generate(
-            torch.tensor([prompt]), max_new_tokens=seq.max_new_tokens, do_sample=False
+            torch.tensor([prompt]), max_new_tokens=seq.max_tokens, do_sample=False
         )[0, len(prompt) :].tolist()
         assert seq.output_ids == ref[: len(seq.output_ids)], seq.request_id
-        assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_new_tokens
+        assert seq.finish_reason == "stop" or len(seq.output_ids) == seq.max_tokens
 
 
 def test_rows_leave_a_batch_past_its_sliding_window_and_the_rest_match_generate(tiny_lm):
@@ -181,7 +181,7 @@ def test_rows_leave_a_batch_past_its_sliding_window_and_the_rest_match_generate(
             assert batch.attention_mask.shape[1] == width  # columns kept past the window
     assert sizes[-1] == 1 and sorted(set(sizes), reverse=True) == [4, 3, 2, 1]
     for seq, prompt in zip(seqs, prompts, strict=True):
-        assert seq.output_ids == _reference(model, prompt, seq.max_new_tokens), seq.request_id
+        assert seq.output_ids == _reference(model, prompt, seq.max_tokens), seq.request_id
 
 
 def test_joining_in_the_step_computes_what_a_step_then_a_join_does(tiny_lm):
@@ -249,7 +249,7 @@ def test_sliding_window_model_joins_until_its_window_fills(tiny_lm, in_step):
             seq.published = seq.published or seq.finished
         batch = engine.evict(batch)
     for seq, prompt in zip(everyone, prompts, strict=True):
-        assert seq.output_ids == _reference(model, prompt, seq.max_new_tokens), seq.request_id
+        assert seq.output_ids == _reference(model, prompt, seq.max_tokens), seq.request_id
 
 
 def test_frequency_penalty_and_top_k(tiny_lm):

@@ -146,8 +146,8 @@ class _Failing(Engine):
 
     fail_in = "prefill"
 
-    def new_sequence(self, request_id, prompt_ids, params, max_new_tokens, stops):
-        seq = super().new_sequence(request_id, prompt_ids, params, max_new_tokens, stops)
+    def new_sequence(self, request_id, prompt_ids, params, max_tokens, stops):
+        seq = super().new_sequence(request_id, prompt_ids, params, max_tokens, stops)
         if self.fail_in == "prepare" and _poisoned(self, seq):
             raise RuntimeError("preparing this request failed")
         return seq

@@ -67,6 +67,9 @@ def _stop_tuple(value: object) -> object:
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    # None: the gateway applies its default (BASTION_DEFAULT_MAX_TOKENS, capped by
+    # the role) before queueing; a request that reaches a worker without one may
+    # fill the model's context, as in vLLM.
     max_tokens: MaxTokens | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -29,8 +29,8 @@ class WorkerSettings(CommonSettings):
     linear: Literal["auto", "dense", "onednn"] = "auto"
     # torch.compile the written-out forward once at start-up. auto: on for a
     # bfloat16 model with packed layers on the CPU that the written-out forward
-    # runs (Gemma 3 and Llama families with SDPA), where it measured faster;
-    # off elsewhere.
+    # runs (Gemma 3 and Llama families with SDPA), where it serves faster;
+    # off elsewhere (docs/worker.md).
     compile: Literal["auto"] | bool = "auto"
     max_batch_size: int = Field(8, ge=1, le=256)
     # Prompt tokens prefilled in one step while others decode, and the largest
@@ -52,8 +52,6 @@ class WorkerSettings(CommonSettings):
     # time; a lone request, or steps slower than that, stream every token.
     # 0: every step.
     stream_records_per_s: float = Field(2000.0, ge=0)
-    # Used when a request gives no max_tokens (still capped by the context).
-    default_max_tokens: int = Field(256, ge=1)
     worker_id: str = Field(default_factory=_default_worker_id)
     # A request handed to workers this many times without an answer (each
     # time, the worker holding it stopped) is answered with an error instead

@@ -52,10 +52,10 @@ class Engine:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        max_new_tokens: int,
+        max_tokens: int,
         stops: tuple[str, ...],
     ) -> Sequence:
-        seq = Sequence(request_id, prompt_ids, params, max_new_tokens, stops)
+        seq = Sequence(request_id, prompt_ids, params, max_tokens, stops)
         seq.detok = IncrementalDetokenizer(self.lm.tokenizer, prompt_ids)
         seq.stopper = StopMatcher(stops)
         seq.generator = make_generator(params)
@@ -395,7 +395,7 @@ class Engine:
         seq.pending_text += seq.stopper.feed(seq.detok.add(token))
         if seq.stopper.stopped:
             seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.max_new_tokens:
+        elif len(seq.output_ids) >= seq.max_tokens:
             seq.pending_text += seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
             seq.finish_reason = "length"
 

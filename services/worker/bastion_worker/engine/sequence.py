@@ -21,7 +21,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    max_new_tokens: int
+    max_tokens: int
     stops: tuple[str, ...]
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"

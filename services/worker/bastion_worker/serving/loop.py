@@ -174,7 +174,7 @@ class StepLoop:
         """Tokenise each request and queue it for admission, or answer it with its error."""
         for t in taken:
             try:
-                seq = prepare(self.engine, self.model, t.request, self.settings.default_max_tokens)
+                seq = prepare(self.engine, self.model, t.request)
             except Exception as exc:  # whatever a request's content makes preparing it raise
                 if not isinstance(exc, BastionError):
                     log.exception("preparing request %s failed", t.request.id)

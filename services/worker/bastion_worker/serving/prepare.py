@@ -10,13 +10,11 @@ from bastion_worker.engine.core import Engine
 from bastion_worker.engine.sequence import Sequence
 
 
-def prepare(
-    engine: Engine, model: str, req: GenerationRequest, default_max_tokens: int
-) -> Sequence:
+def prepare(engine: Engine, model: str, req: GenerationRequest) -> Sequence:
     """``req`` as a sequence for ``engine``, which serves ``model``, or the error
     that answers it: another model, a deadline passed, an empty prompt the model
     cannot start from, a prompt past the context, or ``top_k`` past the vocabulary.
-    ``max_tokens`` defaults here, and is capped by the room left in the context."""
+    ``max_tokens`` is capped by the room left in the context."""
     if req.model != model:
         raise InvalidRequestError(f"This worker serves {model!r}, not {req.model!r}.")
     if time.time() > req.deadline:
@@ -45,5 +43,5 @@ def prepare(
         raise InvalidRequestError(
             f"top_k may be at most this model's vocabulary size, {vocab}.", param="top_k"
         )
-    wanted = req.params.max_tokens or default_max_tokens
-    return engine.new_sequence(req.id, prompt_ids, req.params, min(wanted, room), stops)
+    max_tokens = min(req.params.max_tokens or room, room)
+    return engine.new_sequence(req.id, prompt_ids, req.params, max_tokens, stops)
