@@ -3,7 +3,8 @@ and both again through a real gRPC server on loopback.
 
 Baseline from the same run: sanitising alone (what the walking skeleton's
 guard did). Prompts are 2 KB slices of the guard's evaluation set when it is
-present next to the repository, else of this repository's README.
+present next to the repository, else of ``bench/data/reference.txt`` (the
+README's opening as it stood on 2026-12-08).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _corpus() -> dict[str, str]:
             "attack en": pick("attack", "en"),
         }
     else:
-        texts = {"README en": (REPO / "README.md").read_text()}
+        texts = {"README en": (REPO / "bench" / "data" / "reference.txt").read_text()}
     return {name: text[:2048] for name, text in texts.items()}
 
 

@@ -1,8 +1,9 @@
 """The quantization table: memory, speed and quality of every weight format
 this machine can run, for the tiny model and (when prepared) the demo model.
 
-Quality is perplexity on a fixed local text (this repository's README, first
-512 tokens); speed is greedy decoding of 32 tokens at batch size 1.
+Quality is perplexity on a fixed local text (``bench/data/reference.txt``, the
+README's opening as it stood on 2026-12-08, first 512 tokens); speed is greedy
+decoding of 32 tokens at batch size 1.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _footprint_mib(model: torch.nn.Module) -> float:
 
 def _measure(path: Path, dtype: str, quant: str, linear: str) -> tuple[float, float, float]:
     lm = load(path, "cpu", dtype, quantization=quant, linear=linear)
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "bench" / "data" / "reference.txt").read_text()
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :512]
     with torch.inference_mode():
         loss = lm.model(ids, labels=ids).loss.float().item()

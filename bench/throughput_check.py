@@ -1,7 +1,8 @@
-"""Throughput at 32 clients, this build against the build before issue 28,
-in the same run: the worker alone (worker_throughput's (c)) and end to end
-(its (d)), the two builds up at once and alternated over the rounds, each
-one's median. The workload is worker_throughput's."""
+"""Throughput at 32 clients, this build against an earlier one (the build
+before issue 28 unless ``--baseline=REV`` names another), in the same run:
+the worker alone (worker_throughput's (c)) and end to end (its (d)), the two
+builds up at once and alternated over the rounds, each one's median. The
+workload is worker_throughput's."""
 
 from __future__ import annotations
 
@@ -23,12 +24,21 @@ CLIENTS = 32
 ROUNDS = 3
 
 
-def bench_model(path: Path, n: int, outputs: tuple[int, int], redis_url: str) -> list[str]:
+def baseline_rev(argv: list[str]) -> str:
+    """The earlier build to measure against: ``--baseline=REV``, else the one before issue 28."""
+    given = [a.removeprefix("--baseline=") for a in argv if a.startswith("--baseline=")]
+    return given[-1] if given else BEFORE_ISSUE_28
+
+
+def bench_model(
+    path: Path, n: int, outputs: tuple[int, int], redis_url: str, rev: str
+) -> list[str]:
     lm = load(path, "cpu", "auto", linear="dense")
     items = make(lm.tokenizer, n, output_range=outputs)
     prompts = [lm.tokenizer.decode(item.prompt_ids) for item in items]
     text_of = {id(item): prompt for item, prompt in zip(items, prompts, strict=True)}
-    builds = {"this build": {}, f"before ({BEFORE_ISSUE_28})": environment()}
+    before = f"before ({rev})"
+    builds = {"this build": {}, before: environment(rev)}
     tps: dict[tuple[str, str], list[float]] = {}
     with contextlib.ExitStack() as servers:
         systems = {}
@@ -55,7 +65,6 @@ def bench_model(path: Path, n: int, outputs: tuple[int, int], redis_url: str) ->
                 tps.setdefault(key, []).append(run(items).tps)
                 print(key, f"{tps[key][-1]:.1f} tok/s", flush=True)
     rows = []
-    before = f"before ({BEFORE_ISSUE_28})"
     for system in ("worker alone", "end to end"):
         now = statistics.median(tps[("this build", system)])
         then = statistics.median(tps[(before, system)])
@@ -68,6 +77,7 @@ def bench_model(path: Path, n: int, outputs: tuple[int, int], redis_url: str) ->
 def main() -> int:
     from bastion_worker.model.tiny_model import build
 
+    rev = baseline_rev(sys.argv[1:])
     models = [("tiny test model", build(REPO / "var" / "models" / "tiny-llama"), 96, (16, 96))]
     demo = REPO / "var" / "models" / "gemma-3-270m"
     if (demo / "config.json").is_file() and "--tiny-only" not in sys.argv:
@@ -78,7 +88,7 @@ def main() -> int:
         if not redis_answers(url):
             url = stack.enter_context(embedded_valkey(REPO / "var" / "bench-valkey"))
         for name, path, n, outputs in models:
-            rows = bench_model(path, n, outputs, url)
+            rows = bench_model(path, n, outputs, url, rev)
             sections += [
                 f"### {name} ({n} requests, {CLIENTS} clients)",
                 "",
@@ -89,7 +99,7 @@ def main() -> int:
             ]
     publish(
         "throughput_check.md",
-        "Throughput, this build against the build before issue 28",
+        f"Throughput, this build against {rev}",
         f"{CLIENTS} closed-loop clients, worker_throughput's workload; both builds up at "
         f"once, alternated over {ROUNDS} rounds after a warm-up; each one's median.",
         "\n".join(sections),

@@ -3,7 +3,8 @@ only real ones (Luhn, mod-97, ISO 7064 via python-stdnum; address parsing via
 ``ipaddress``; JWT segments decoded). Boundaries are ASCII letters and digits,
 so ``电话13812345678`` is found where a regex ``\\b`` would not be.
 
-Spans are offsets into the text given; entities never overlap.
+Spans are offsets into the text given; entities never overlap. Longer than
+most modules: one table of patterns and validators, one entity type a section.
 """
 
 from __future__ import annotations

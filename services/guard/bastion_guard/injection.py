@@ -6,6 +6,7 @@ document), run over every view of the text (:mod:`bastion_guard.views`), so
 the same rule catches plain, zero-width-split, look-alike-letter, leetspeak,
 hidden-tag, reversed, encoded and split payloads. Structural detectors catch
 repetition flooding, many-shot fake dialogues and exfiltration links.
+Longer than most modules: mostly the rule tables, one pattern a line.
 """
 
 from __future__ import annotations
