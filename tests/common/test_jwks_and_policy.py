@@ -126,3 +126,69 @@ def test_default_policy_loads_and_tenant_overrides_merge():
     policy = Policy.parse(doc)
     mine, _ = policy.limits(Principal(subject="a", role="user", tenant="big"))
     assert (mine.requests_per_minute, mine.daily_tokens) == (10, 5)
+
+
+OPERATOR_POLICY = """
+[roles.operator]
+permissions = ["platform:admin", "keys:admin", "audit:read"]
+models = []
+max_tokens = 0
+
+[roles.admin]
+permissions = ["chat", "models:list", "audit:read", "keys:admin"]
+models = ["*"]
+max_tokens = 8192
+
+[roles.user]
+permissions = ["chat", "models:list"]
+models = ["*"]
+max_tokens = 2048
+
+[roles.big]
+permissions = ["chat"]
+models = ["*"]
+max_tokens = 100000
+"""
+
+
+def _scoped() -> Policy:
+    import tomllib
+
+    return Policy.parse(tomllib.loads(OPERATOR_POLICY))
+
+
+def test_only_the_platform_permission_spans_tenants():
+    policy = _scoped()
+    admin = Principal(subject="a", role="admin", tenant="a")
+    operator = Principal(subject="o", role="operator", tenant="ops")
+    policy.require_tenant(admin, "a")
+    with pytest.raises(PermissionDeniedError):
+        policy.require_tenant(admin, "b")
+    policy.require_tenant(operator, "b")
+    assert not policy.spans_tenants(admin) and policy.spans_tenants(operator)
+    # a key narrowed below the permission does not span
+    narrowed = Principal(subject="k", role="operator", tenant="ops", permissions=frozenset())
+    assert not policy.spans_tenants(narrowed)
+    default = Policy.load()
+    assert not any("platform:admin" in r.permissions for r in default.roles.values())
+
+
+def test_a_key_is_never_minted_above_its_creator():
+    policy = _scoped()
+    admin = Principal(subject="a", role="admin", tenant="a")
+    policy.require_mintable(admin, "user", None)
+    policy.require_mintable(admin, "admin", ("chat", "audit:read"))  # without keys:admin
+    for role, permissions in (
+        ("admin", None),  # keys:admin: only the operator makes administrators
+        ("user", ("chat", "platform:admin")),
+        ("big", None),  # a higher max_tokens ceiling
+        ("nope", None),
+    ):
+        with pytest.raises(PermissionDeniedError):
+            policy.require_mintable(admin, role, permissions)
+    user_key = Principal(
+        subject="k", role="admin", tenant="a", permissions=frozenset({"keys:admin"})
+    )
+    with pytest.raises(PermissionDeniedError):  # its key lacks chat
+        policy.require_mintable(user_key, "user", None)
+    policy.require_mintable(Principal(subject="o", role="operator", tenant="ops"), "admin", None)

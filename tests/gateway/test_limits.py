@@ -1,5 +1,7 @@
 """The rate limiter's Lua scripts on the real Redis."""
 
+import calendar
+import time
 import uuid
 
 import pytest
@@ -87,3 +89,40 @@ def test_reset_durations_and_estimates():
         "6m0s",
     ]
     assert estimate_tokens(0) == 1 and estimate_tokens(9) == 3
+
+
+class _Clock:
+    def __init__(self, at: str) -> None:
+        self.now = calendar.timegm(time.strptime(at, "%Y-%m-%d %H:%M:%S"))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_daily_budget_resets_at_midnight_utc_and_not_before(aredis, key_prefix):
+    clock = _Clock("2026-12-08 23:59:58")
+    doc = {"limits": {"principal": {"daily_tokens": 100}}}
+    limiter = RateLimiter(aredis, Keys(key_prefix), Policy.parse(doc), clock=clock)
+    late = await _admit(limiter, _who(), 100)
+    with pytest.raises(RateLimitError) as info:
+        await _admit(limiter, _who(), 1)
+    assert info.value.retry_after_s == 2  # the reset is midnight, as Retry-After says
+    clock.now += 1.5  # 23:59:59.5: still the same day
+    with pytest.raises(RateLimitError):
+        await _admit(limiter, _who(), 1)
+    clock.now += 0.5  # 00:00:00
+    today = await _admit(limiter, _who(), 100)  # a fresh day, whatever came before
+    # A request charged yesterday gives its unused tokens back to yesterday.
+    await limiter.release(_who(), late, used=0)
+    with pytest.raises(RateLimitError):
+        await _admit(limiter, _who(), 1)
+    await limiter.release(_who(), today, used=40)
+    await _admit(limiter, _who(), 60)
+
+
+async def test_subjects_and_tenants_with_separators_do_not_share_limits(aredis, key_prefix):
+    limiter = _limiter(aredis, key_prefix, principal={"requests_per_minute": 1})
+    await _admit(limiter, _who(subject="c", tenant="a:b"), 1)
+    await _admit(limiter, _who(subject="b:c", tenant="a"), 1)  # its own bucket
+    with pytest.raises(RateLimitError):
+        await _admit(limiter, _who(subject="c", tenant="a:b"), 1)

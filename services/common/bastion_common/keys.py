@@ -6,6 +6,7 @@ deployments, or several test runs, can share one Redis without seeing each other
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 
 WORKER_GROUP = "workers"
@@ -19,6 +20,12 @@ WORKER_TTL_S = 10
 RESULT_TTL_S = 120
 # A cancel mark lives this long; the worker checks it between decode steps.
 CANCEL_TTL_S = 300
+
+
+def part(value: str) -> str:
+    """``value`` as one part of a key: ``:`` and ``%`` escaped, so that values
+    joined with ``:`` never spell another combination's key."""
+    return urllib.parse.quote(value, safe="")
 
 
 @dataclass(frozen=True, slots=True)

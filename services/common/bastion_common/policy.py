@@ -3,6 +3,10 @@
 Roles grant permissions and a model allow-list; tenants narrow the models; an
 API key may narrow them further. A refusal names the missing permission (or
 the model), never the policy's internals.
+
+Everything a principal manages or reads is its own tenant's: keys, audit rows.
+Only ``platform:admin``, which no default role grants, spans tenants; it is
+for the operator of the deployment, in a role the operator adds.
 """
 
 from __future__ import annotations
@@ -17,9 +21,22 @@ from typing import Any, Literal
 from bastion_common.errors import PermissionDeniedError
 from bastion_common.tokens import Principal
 
+PLATFORM = "platform:admin"  # spans tenants
 PERMISSIONS = frozenset(
-    {"chat", "completions", "generate", "models:list", "audit:read", "keys:admin", "metrics:read"}
+    {
+        "chat",
+        "completions",
+        "generate",
+        "models:list",
+        "audit:read",
+        "keys:admin",
+        "metrics:read",
+        PLATFORM,
+    }
 )
+# Permissions a key may carry only when the platform operator mints it: a
+# tenant's administrator must not create more administrators.
+DELEGATED_BY_PLATFORM_ONLY = frozenset({"keys:admin", PLATFORM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +166,43 @@ class Policy:
 
     def role(self, principal: Principal) -> Role:
         return self.roles.get(principal.role) or Role(frozenset(), (), 0)
+
+    def permissions(self, principal: Principal) -> frozenset[str]:
+        """What ``principal`` may do: its role's permissions, narrowed by its key's."""
+        granted = self.role(principal).permissions
+        return granted if principal.permissions is None else granted & principal.permissions
+
+    def spans_tenants(self, principal: Principal) -> bool:
+        return PLATFORM in self.permissions(principal)
+
+    def require_tenant(self, principal: Principal, tenant: str) -> None:
+        """Refuse anything outside ``principal``'s own tenant, but for the operator."""
+        if tenant != principal.tenant and not self.spans_tenants(principal):
+            raise PermissionDeniedError(
+                "This credential may act only within its own tenant.", code="tenant_not_allowed"
+            )
+
+    def require_mintable(
+        self, principal: Principal, role: str, permissions: tuple[str, ...] | None
+    ) -> None:
+        """Refuse a key above its creator: a permission the creator lacks, a higher
+        ``max_tokens`` ceiling, or the power to manage keys. The operator
+        (``platform:admin``) is above every role and may mint any."""
+        target = self.roles.get(role)
+        if target is None:
+            raise PermissionDeniedError(f"There is no role '{role}'.", code="role_not_allowed")
+        if self.spans_tenants(principal):
+            return
+        # What the key would hold, and what its list names (a name the role does
+        # not grant is refused too, rather than silently dropped).
+        asked = target.permissions if permissions is None else frozenset(permissions)
+        above = (asked - self.permissions(principal)) | (asked & DELEGATED_BY_PLATFORM_ONLY)
+        if above or target.max_tokens > self.role(principal).max_tokens:
+            detail = f": {', '.join(sorted(above))}" if above else ""
+            raise PermissionDeniedError(
+                f"A key may not carry more than its creator may do{detail}.",
+                code="role_not_allowed",
+            )
 
     def require(self, principal: Principal, permission: str) -> None:
         if permission not in self.role(principal).permissions:

@@ -93,17 +93,22 @@ class ApiKeyStore:
         raw = await self.redis.get(self.keys.api_key(key_id))
         return ApiKeyRecord.model_validate_json(raw) if raw else None
 
-    async def list(self) -> list[ApiKeyRecord]:
+    async def list(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        """Every key, or ``tenant``'s only."""
         out = []
         async for name in self.redis.scan_iter(match=self.keys.api_key("*"), count=200):
             raw = await self.redis.get(name)
             if raw:
-                out.append(ApiKeyRecord.model_validate_json(raw))
+                record = ApiKeyRecord.model_validate_json(raw)
+                if tenant is None or record.tenant == tenant:
+                    out.append(record)
         return sorted(out, key=lambda r: r.created_at)
 
-    async def revoke(self, key_id: str) -> ApiKeyRecord:
-        record = await self.get(key_id)
-        if record is None:
+    async def revoke(self, key_id: str, tenant: str | None = None) -> ApiKeyRecord:
+        """Revoke a key (of ``tenant`` only, when given: another tenant's key is
+        answered as if it did not exist, so its id tells nothing)."""
+        record = await self.get(key_id) if re.fullmatch(r"[0-9a-f]{16}", key_id) else None
+        if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFoundError(f"There is no API key '{key_id}'.", code="key_not_found")
         revoked = record.model_copy(update={"revoked_at": time.time()})
         await self.redis.set(self.keys.api_key(key_id), revoked.model_dump_json())

@@ -1,6 +1,7 @@
 """Rate limits and token budgets, atomic in Redis so several gateway replicas
 share them: requests and tokens per minute (token buckets that refill
-continuously), concurrent requests, and a daily token budget (UTC days).
+continuously), concurrent requests, and a daily token budget: a counter per
+UTC date, so a day starts from zero at midnight whatever the traffic.
 
 Each request is admitted against two scopes, its principal and its tenant, in
 one Lua script: all checks first, then all updates, so a refusal changes
@@ -11,13 +12,15 @@ max_tokens) and reconciled with the real usage when the request ends.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from bastion_common.errors import RateLimitError
-from bastion_common.keys import Keys
+from bastion_common.keys import Keys, part
 from bastion_common.policy import Limits, Policy
 from bastion_common.tokens import Principal
 
@@ -30,7 +33,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cost = tonumber(ARGV[1])
 local rid = ARGV[2]
 local lease = tonumber(ARGV[3])
-local day_left_ms = 86400000 - (now % 86400000)
+local day_left_ms = tonumber(ARGV[12])
 local function bucket(key, rate, need)
   local s = redis.call('HMGET', key, 'tokens', 'ts')
   local tokens, ts = tonumber(s[1]), tonumber(s[2])
@@ -83,6 +86,7 @@ for i = 0, 1 do
   end
   if p.daily > 0 then
     redis.call('INCRBY', KEYS[k+4], cost)
+    -- dated: kept an hour past its day only for refunds of requests still running
     redis.call('PEXPIRE', KEYS[k+4], day_left_ms + 3600000)
   end
 end
@@ -120,27 +124,48 @@ def duration(ms: int) -> str:
     return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
 
 
+DAY_MS = 86_400_000
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     request_id: str
     reserved: int
     headers: dict[str, str]
+    day: str  # the UTC date the tokens were charged to, where unused ones go back
 
 
 class RateLimiter:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, policy: Policy) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        policy: Policy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.policy = policy
+        self.clock = clock  # decides the day; the per-minute buckets use Redis's clock
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
 
-    def _scope_keys(self, principal: Principal) -> list[str]:
-        scopes = (f"p:{principal.tenant}:{principal.subject}", f"t:{principal.tenant}")
-        return [self.keys.limit(s, n) for s in scopes for n in ("req", "tok", "conc", "day")]
+    def _scope_keys(self, principal: Principal, day: str) -> list[str]:
+        # Each part encoded, so that no tenant or subject can spell another's key.
+        tenant, subject = part(principal.tenant), part(principal.subject)
+        scopes = (f"p:{tenant}:{subject}", f"t:{tenant}")
+        names = ("req", "tok", "conc", f"day:{day}")
+        return [self.keys.limit(s, n) for s in scopes for n in names]
+
+    def _today(self) -> tuple[str, int]:
+        """The UTC date now, and the milliseconds left in it."""
+        now_ms = int(self.clock() * 1000)
+        day = time.strftime("%Y-%m-%d", time.gmtime(now_ms // 1000))
+        return day, DAY_MS - now_ms % DAY_MS
 
     async def admit(self, principal: Principal, request_id: str, cost: int) -> Admission:
         limits = self.policy.limits(principal)
+        day, day_left_ms = self._today()
         args: list[Any] = [cost, request_id, CONCURRENCY_LEASE_MS]
         for lim in limits:
             args += [
@@ -149,7 +174,8 @@ class RateLimiter:
                 lim.concurrent_requests,
                 lim.daily_tokens,
             ]
-        reply = await self._admit(keys=self._scope_keys(principal), args=args)
+        args.append(day_left_ms)
+        reply = await self._admit(keys=self._scope_keys(principal, day), args=args)
         if not int(reply[0]):
             raise _refusal(reply, limits[0])
         rpm, left_req, tpm, left_tok = (int(x) for x in reply[4:8])
@@ -166,7 +192,7 @@ class RateLimiter:
             headers["x-ratelimit-reset-tokens"] = duration(
                 math.ceil((tpm - left_tok) * 60000 / tpm)
             )
-        return Admission(request_id, cost, headers)
+        return Admission(request_id, cost, headers, day)
 
     async def release(self, principal: Principal, admission: Admission, used: int) -> None:
         """Free the concurrency slot; give back reserved tokens that were not used."""
@@ -177,7 +203,7 @@ class RateLimiter:
             mine.tokens_per_minute,
             tenant.tokens_per_minute,
         ]
-        await self._release(keys=self._scope_keys(principal), args=args)
+        await self._release(keys=self._scope_keys(principal, admission.day), args=args)
 
 
 def _refusal(reply: list[Any], mine: Limits) -> RateLimitError:
@@ -197,7 +223,7 @@ def _refusal(reply: list[Any], mine: Limits) -> RateLimitError:
         headers[f"x-ratelimit-reset-{kind}"] = duration(wait_ms)
     return RateLimitError(
         f"Rate limit reached: {limit.replace('_', ' ')} for this {scope}.",
-        retry_after_s=max(1, math.ceil(wait_ms / 1000)),
+        retry_after_s=max(1, math.ceil(wait_ms / 1000)),  # for the budget: midnight UTC
         code=f"{limit}_exceeded",
         headers=headers,
     )
