@@ -54,7 +54,8 @@ async def _time(n: int, call: Callable[[], Awaitable[object]]) -> tuple[float, f
 
 async def _http_rows(redis_url: str, prefix: str) -> list[tuple[str, float, float]]:
     settings = GatewaySettings(
-        redis_url=redis_url, key_prefix=prefix, jwt_secret=SECRET, insecure_http=True,
+        redis_url=redis_url, key_prefix=prefix, jwt_secret=SECRET, jwt_local_key=True,
+        insecure_http=True,
         port=free_port(),
     )  # fmt: skip
     app = create_app(settings)

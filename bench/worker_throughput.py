@@ -499,7 +499,7 @@ def platform(  # type: ignore[no-untyped-def]
         guard_port = free_port()
         env = {
             "BASTION_REDIS_URL": redis_url, "BASTION_KEY_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
-            "BASTION_DATA_DIR": data, "BASTION_JWT_SECRET": secret,
+            "BASTION_DATA_DIR": data, "BASTION_JWT_SECRET": secret, "BASTION_JWT_LOCAL_KEY": "true",
             "BASTION_MODEL_PATH": str(path), "BASTION_MODEL_NAME": "bench-model",
             "BASTION_MAX_BATCH_SIZE": str(max_batch), "BASTION_INSECURE_HTTP": "true",
             "BASTION_PORT": str(free_port()), "BASTION_AUDITOR_PORT": str(free_port()),

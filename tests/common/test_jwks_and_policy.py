@@ -1,6 +1,8 @@
 """JWKS over HTTP (a real server on loopback) with key rotation, and the policy."""
 
+import asyncio
 import json
+import ssl
 import time
 
 import jwt
@@ -11,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bastion_common.errors import AuthenticationError, PermissionDeniedError
 from bastion_common.jwtauth import JwtVerifier, KeyRing
 from bastion_common.policy import Policy
+from bastion_common.tls import ensure_local_tls, server_context
 from bastion_common.tokens import Principal
 
 
@@ -22,22 +25,39 @@ def _jwk(key, kid):
     }
 
 
+@pytest.fixture(scope="module")
+def local_tls(tmp_path_factory):
+    return ensure_local_tls(tmp_path_factory.mktemp("tls"))
+
+
 @pytest.fixture
-async def jwks_server():
-    state = {"keys": [], "fetches": 0}
+def trust(local_tls):
+    """A client context that trusts the local CA."""
+    return ssl.create_default_context(cafile=str(local_tls.ca_cert))
+
+
+@pytest.fixture
+async def jwks_server(local_tls):
+    """A JWKS over HTTPS on loopback; ``state["redirect"]`` makes it answer 302."""
+    state = {"keys": [], "fetches": 0, "redirect": None, "delay": 0.0}
 
     async def serve(request):
         state["fetches"] += 1
+        await asyncio.sleep(state["delay"])
+        if state["redirect"]:
+            raise web.HTTPFound(state["redirect"])
         return web.json_response({"keys": state["keys"]})
 
     app = web.Application()
     app.router.add_get("/jwks", serve)
+    app.router.add_get("/elsewhere", serve)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    context = server_context(local_tls.cert, local_tls.key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/jwks", state
+    yield f"https://127.0.0.1:{port}/jwks", state
     await runner.cleanup()
 
 
@@ -46,11 +66,11 @@ def _token(key, kid, **claims):
     return jwt.encode(body, key, algorithm="RS256", headers={"kid": kid})
 
 
-async def test_jwks_url_keys_rotate_by_kid(jwks_server):
+async def test_jwks_url_keys_rotate_by_kid(jwks_server, trust):
     url, state = jwks_server
     old, new = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
     state["keys"] = [_jwk(old, "2026-01")]
-    ring = KeyRing(jwks=url, jwks_cache_s=300, jwks_refetch_min_s=0)
+    ring = KeyRing(jwks=url, jwks_cache_s=300, jwks_refetch_min_s=0, tls=trust)
     verifier = JwtVerifier(ring, issuer="idp")
     assert (await verifier.verify(_token(old, "2026-01"))).subject == "svc"
     await verifier.verify(_token(old, "2026-01"))
@@ -62,18 +82,94 @@ async def test_jwks_url_keys_rotate_by_kid(jwks_server):
         await verifier.verify(_token(old, "2026-02"))  # old key, new kid: bad signature
 
 
-async def test_claim_names_are_configurable_and_nested(jwks_server):
+async def test_claim_names_are_configurable_and_nested(jwks_server, trust):
     from bastion_common.jwtauth import ClaimNames
 
     url, state = jwks_server
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     state["keys"] = [_jwk(key, "k")]
+    roles = {"admin": frozenset({"admin"}), "auditor": frozenset({"auditor"}),
+             "user": frozenset({"user"})}  # fmt: skip
     verifier = JwtVerifier(
-        KeyRing(jwks=url), issuer="idp", claims=ClaimNames("realm_access.roles", "org")
-    )
-    token = _token(key, "k", realm_access={"roles": ["auditor", "user"]}, org="hospital")
+        KeyRing(jwks=url, tls=trust), issuer="idp",
+        claims=ClaimNames("realm_access.roles", "org"), identity_roles=roles,
+    )  # fmt: skip
+    token = _token(key, "k", realm_access={"roles": ["user", "auditor"]}, org="hospital")
     principal = await verifier.verify(token)
+    # A list claim is a set: the first role in the policy's order that it holds.
     assert (principal.role, principal.tenant) == ("auditor", "hospital")
+
+
+async def test_identity_provider_values_map_to_roles_through_the_policy(jwks_server, trust):
+    import tomllib
+
+    url, state = jwks_server
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    state["keys"] = [_jwk(key, "k")]
+    policy = Policy.parse(
+        tomllib.loads(OPERATOR_POLICY + '[identity.roles]\nadmin = ["ops"]\nuser = ["staff"]\n')
+    )
+    verifier = JwtVerifier(
+        KeyRing(jwks=url, tls=trust), issuer="idp", identity_roles=policy.identity_roles
+    )
+
+    async def role(value):
+        return (await verifier.verify(_token(key, "k", role=value))).role
+
+    assert await role(["staff", "unknown-group"]) == "user"
+    assert await role(["staff", "ops"]) == "admin"
+    assert await role("admin") == ""  # the IdP's "admin" is not Bastion's admin
+    assert await role(["nothing"]) == ""
+    with pytest.raises(ValueError):
+        Policy.parse(tomllib.loads('[identity.roles]\nroot = ["x"]\n'))
+
+
+async def test_jwks_is_https_only_fetched_once_for_a_burst_and_never_redirected(jwks_server, trust):
+    url, state = jwks_server
+    with pytest.raises(ValueError):
+        KeyRing(jwks=url.replace("https://", "http://"))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    state["keys"], state["delay"] = [_jwk(key, "k")], 0.2
+    # No minimum interval here, so that only the single flight limits the fetches.
+    eager = JwtVerifier(KeyRing(jwks=url, tls=trust, jwks_refetch_min_s=0), issuer="idp")
+    await eager.verify(_token(key, "k"))
+    fetched = state["fetches"]
+    # Twenty tokens with unknown kids at once: one fetch, not twenty.
+    results = await asyncio.gather(
+        *(eager.verify(_token(key, f"unknown-{i}")) for i in range(20)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, AuthenticationError) for r in results)
+    assert state["fetches"] - fetched == 1
+    # With the default minimum interval, unknown kids one after another fetch nothing.
+    spaced = JwtVerifier(KeyRing(jwks=url, tls=trust), issuer="idp")
+    await spaced.verify(_token(key, "k"))
+    fetched = state["fetches"]
+    for i in range(5):
+        with pytest.raises(AuthenticationError):
+            await spaced.verify(_token(key, f"unknown-{i}"))
+    assert state["fetches"] == fetched
+    # A redirect is not followed: the keys stay as they were.
+    state["redirect"], state["delay"] = url.replace("/jwks", "/elsewhere"), 0.0
+    ring = KeyRing(jwks=url, tls=trust)
+    with pytest.raises(AuthenticationError):
+        await JwtVerifier(ring, issuer="idp").verify(_token(key, "k"))
+    assert state["fetches"] == fetched + 1
+
+
+async def test_a_token_living_longer_than_the_cap_is_refused(trust):
+    key = "k" * 40
+    ring = KeyRing(local_secret=key)
+    verifier = JwtVerifier(ring, issuer="bastion", max_lifetime_s=3600)
+    from bastion_common.tokens import mint
+
+    ok = mint(key, subject="a", role="user", tenant="t", issuer="bastion", ttl_s=3600)
+    assert (await verifier.verify(ok)).role == "user"
+    long = mint(
+        key, subject="a", role="user", tenant="t", issuer="bastion", ttl_s=100 * 365 * 86400
+    )
+    with pytest.raises(AuthenticationError):
+        await verifier.verify(long)
 
 
 POLICY = {

@@ -138,6 +138,7 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_KEY_PREFIX": prefix,
         "BASTION_DATA_DIR": str(data_dir),
         "BASTION_JWT_SECRET": SECRET,
+        "BASTION_JWT_LOCAL_KEY": "true",
         "BASTION_MODEL_PATH": str(tiny_model_path),
         "BASTION_PORT": str(free_port()),
         "BASTION_AUDITOR_PORT": str(free_port()),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -68,6 +71,15 @@ def _bad_tokens(platform: Platform) -> dict[str, str | None]:
         "wrong_issuer": jwt.encode(_claims(iss="evil"), SECRET, "HS256", {"kid": "local"}),
         "missing_issuer": jwt.encode(_claims(iss=None), SECRET, "HS256", {"kid": "local"}),
         "wrong_audience": jwt.encode(_claims(aud="other-app"), SECRET, "HS256", {"kid": "local"}),
+        "idp_token_for_another_app": jwt.encode(
+            _claims(aud="other-app", role="admin"),
+            rs,
+            algorithm="RS256",
+            headers={"kid": "idp-rsa"},
+        ),
+        "lives_a_century": jwt.encode(
+            _claims(exp=int(time.time()) + 100 * 365 * 86400), rs, "RS256", {"kid": "idp-rsa"}
+        ),
         "missing_audience": jwt.encode(_claims(aud=None), SECRET, "HS256", {"kid": "local"}),
         "missing_sub": jwt.encode(_claims(sub=None), SECRET, "HS256", {"kid": "local"}),
         "missing_exp": jwt.encode(_claims(exp=None), SECRET, "HS256", {"kid": "local"}),
@@ -112,7 +124,7 @@ def _assert_refused(status, body, expected):
         "hs256_rsa_public_key_no_kid", "tampered_payload", "tampered_signature", "unknown_kid",
         "no_kid_many_keys", "signed_by_stranger", "es256_claiming_rsa_kid",
         "rs256_claiming_ec_kid", "two_segments", "garbage", "malformed_api_key",
-        "unknown_api_key",
+        "unknown_api_key", "idp_token_for_another_app", "lives_a_century",
     ],
 )  # fmt: skip
 async def test_bad_credentials_are_refused(platform, case):
@@ -255,3 +267,21 @@ async def _get_text(platform: Platform, path: str, token: str | None):
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{platform.url}{path}", headers=headers) as r:
             return r.status, await r.text()
+
+
+def test_a_gateway_trusting_an_identity_provider_will_not_start_without_an_audience(tmp_path):
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    env = {
+        **os.environ,
+        "BASTION_JWT_JWKS": str(jwks),
+        "BASTION_INSECURE_HTTP": "true",
+        "BASTION_DATA_DIR": str(tmp_path),
+    }
+    env.pop("BASTION_JWT_AUDIENCE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion_gateway"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "BASTION_JWT_AUDIENCE" in done.stderr

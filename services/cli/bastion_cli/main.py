@@ -13,14 +13,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bastion_common.settings import JwtSettings
+from bastion_common.settings import load as load_settings
 from bastion_common.tokens import mint
 
 READY_TIMEOUT_S = 600.0
 SUPERVISE_EVERY_S = 0.5
+DEMO_TOKEN_TTL_S = 3600
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    settings = JwtSettings()
+    settings = load_settings(JwtSettings)
+    if args.ttl > settings.jwt_max_lifetime_s:
+        print(
+            f"bastion: --ttl may be at most {settings.jwt_max_lifetime_s:.0f} s "
+            "(BASTION_JWT_MAX_LIFETIME_S); the gateway refuses longer-lived tokens",
+            file=sys.stderr,
+        )
+        return 2
     print(
         mint(
             settings.jwt_key(),
@@ -44,7 +53,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from bastion_gateway.apikeys import ApiKeyStore
 
-    settings = JwtSettings()
+    settings = load_settings(JwtSettings)
 
     async def run() -> int:
         redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
@@ -106,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bastion_common import logs
     from bastion_common.tls import ensure_local_tls
 
-    settings = JwtSettings()
+    settings = load_settings(JwtSettings)
     log = logs.setup("launcher", settings.log_level)
     data_dir = settings.data_dir.resolve()
     model_path = args.model_path
@@ -134,6 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             "BASTION_TLS_KEY_FILE": str(tls.key),
             "BASTION_AUDITOR_PORT": str(args.auditor_port or AuditorSettings().auditor_port),
         }
+        # The local secret signs the tokens `bastion token` mints; on one
+        # machine it is the identity provider, unless the environment says otherwise.
+        env.setdefault("BASTION_JWT_LOCAL_KEY", os.environ.get("BASTION_JWT_LOCAL_KEY", "true"))
         if "BASTION_MODELS" not in os.environ:
             # Until the worker has loaded it, the model is unavailable (503), not unknown (404).
             served = os.environ.get("BASTION_MODEL_NAME") or Path(model_path).name
@@ -142,13 +154,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             stack.start()
             stack.wait_ready(READY_TIMEOUT_S)
+            # A short-lived user token to try it with; never an admin token on a terminal.
             token = mint(
                 settings.jwt_key(),
                 subject="demo",
-                role="admin",
+                role="user",
                 tenant="default",
                 issuer=settings.jwt_issuer,
-                ttl_s=86400,
+                ttl_s=DEMO_TOKEN_TTL_S,
                 audience=settings.jwt_audience,
             )
             _print_welcome(stack.gateway_url, Path(model_path).name, token, tls.ca_cert)
@@ -178,7 +191,8 @@ Try it:
     -d '{{"model": "{model}", "max_tokens": 32,
          "messages": [{{"role": "user", "content": "Say hello."}}]}}'
 
-Mint another token:  .venv/bin/bastion token --sub alice --role user
+That token is a user's, valid for an hour. Mint others (roles: user, admin, auditor):
+  .venv/bin/bastion token --sub alice --role user
 Press Ctrl-C to stop.
 """,
         flush=True,

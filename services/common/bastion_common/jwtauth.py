@@ -1,11 +1,20 @@
 """Checking bearer JWTs with PyJWT: HS256, RS256 and ES256 keys, each bound to
 its algorithm and found by ``kid``, from the local secret, key files, or a
-JWKS document (file or URL, cached, refetched when an unknown ``kid`` shows up).
+JWKS document (a file or an ``https://`` URL, cached, refetched when an unknown
+``kid`` shows up: one fetch at a time, at most one per ``jwks_refetch_min_s``,
+never following a redirect).
 
 What is refused: ``alg: none`` and any algorithm but the three; a token whose
 ``alg`` differs from its key's (so an HS256 token "signed" with an RSA public
 key never reaches an HMAC check); unknown ``kid``s; missing ``exp`` or ``sub``;
-wrong ``iss``/``aud`` when those are configured.
+wrong ``iss``/``aud`` when those are configured; a lifetime (``exp`` after
+``iat``, or after now) longer than ``max_lifetime_s``.
+
+An identity provider's role claim is not taken at its word: its values (a
+string or a list, matched as a set) map to Bastion roles through the policy
+(:attr:`bastion_common.policy.Policy.identity_roles`), the first role in the
+policy's order whose values it holds; unknown values are ignored. Tokens of
+the local secret, which Bastion mints itself, carry Bastion's role names.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +41,7 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("HS256", "RS256", "ES256")
 Algorithm = Literal["HS256", "RS256", "ES256"]
 JWKS_REFETCH_MIN_S = 10.0
+MAX_LIFETIME_S = 86400.0
 
 
 def bearer_token(authorization: str) -> str:
@@ -91,7 +104,10 @@ class KeyRing:
         jwks: str | None = None,
         jwks_cache_s: float = 300.0,
         jwks_refetch_min_s: float = JWKS_REFETCH_MIN_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        if jwks is not None and "://" in jwks and not jwks.startswith("https://"):
+            raise ValueError("a JWKS URL must be https:// (or give a file path)")
         self._static: dict[str, BoundKey] = {}
         if local_secret is not None:
             self._static[LOCAL_KID] = BoundKey(LOCAL_KID, "HS256", local_secret)
@@ -103,6 +119,12 @@ class KeyRing:
         self._jwks: dict[str, BoundKey] = {}
         self._jwks_at = -1e9
         self._lock = asyncio.Lock()
+        self._tls = tls
+
+    @property
+    def local_only(self) -> bool:
+        """Whether the only key is the local secret."""
+        return not self._jwks_source and set(self._static) <= {LOCAL_KID}
 
     async def find(self, kid: str | None, alg: str) -> BoundKey:
         key = await self._lookup(kid)
@@ -115,24 +137,31 @@ class KeyRing:
         return key
 
     async def _lookup(self, kid: str | None) -> BoundKey | None:
-        if self._jwks_source and time.monotonic() - self._jwks_at > self._jwks_cache_s:
-            await self._refresh()
+        seen = self._jwks_at
+        if self._jwks_source and time.monotonic() - seen > self._jwks_cache_s:
+            await self._refresh(seen)
         keys = {**self._jwks, **self._static}
         if kid is None:
             # Without a kid, only an unambiguous key ring can say which key is meant.
             return next(iter(keys.values())) if len(keys) == 1 else None
+        seen = self._jwks_at
         if kid not in keys and self._jwks_source:
-            if time.monotonic() - self._jwks_at > self._jwks_refetch_min_s:  # rotated?
-                await self._refresh()
+            if time.monotonic() - seen > self._jwks_refetch_min_s:  # rotated?
+                await self._refresh(seen)
                 keys = {**self._jwks, **self._static}
         return keys.get(kid)
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, seen: float) -> None:
+        """Fetch the JWKS, unless another caller did while this one waited
+        (``seen``: when the keys were fetched as this caller last looked):
+        a burst of unknown ``kid``s costs one fetch, not one each."""
         async with self._lock:
+            if self._jwks_at != seen:
+                return
             source = self._jwks_source
             assert source is not None
             try:
-                doc = await asyncio.to_thread(_read_jwks, source)
+                doc = await asyncio.to_thread(_read_jwks, source, self._tls)
                 keyset = jwt.PyJWKSet.from_dict(doc)
             except (OSError, ValueError, jwt.PyJWKSetError) as exc:
                 log.warning("could not load the JWKS (%s); keeping the cached keys", exc)
@@ -146,11 +175,26 @@ class KeyRing:
             self._jwks_at = time.monotonic()
 
 
-def _read_jwks(source: str) -> dict[str, Any]:
-    if source.startswith(("https://", "http://")):
-        with urllib.request.urlopen(source, timeout=5) as reply:
-            doc: dict[str, Any] = json.load(reply)
-            return doc
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A JWKS is fetched from exactly the URL configured: a redirect is an error."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _read_jwks(source: str, tls: ssl.SSLContext | None = None) -> dict[str, Any]:
+    if source.startswith("https://"):
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=tls or ssl.create_default_context()),
+            _NoRedirect(),
+        )
+        try:
+            with opener.open(source, timeout=5) as reply:
+                doc: dict[str, Any] = json.load(reply)
+                return doc
+        except urllib.error.HTTPError as exc:  # a redirect lands here too
+            exc.close()
+            raise OSError(f"the JWKS URL answered {exc.code}") from None
     loaded: dict[str, Any] = json.loads(Path(source).read_text())
     return loaded
 
@@ -164,8 +208,13 @@ class JwtVerifier:
         audience: str | None = None,
         leeway_s: float = 5.0,
         claims: ClaimNames = ClaimNames(),
+        identity_roles: Mapping[str, frozenset[str]] | None = None,
+        max_lifetime_s: float = MAX_LIFETIME_S,
     ) -> None:
         self._keys = keys
+        # Bastion role -> the identity provider's values that grant it, in order.
+        self._identity_roles = identity_roles
+        self._max_lifetime_s = max_lifetime_s
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
@@ -207,22 +256,43 @@ class JwtVerifier:
             ) from exc
         except jwt.InvalidTokenError as exc:
             raise AuthenticationError("The bearer token is invalid.", code="invalid_token") from exc
-        return self._principal(claims)
+        self._check_lifetime(claims)
+        return self._principal(claims, local=key.kid == LOCAL_KID)
 
-    def _principal(self, claims: dict[str, Any]) -> Principal:
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        issued = claims.get("iat")
+        start = issued if isinstance(issued, int | float) else time.time()
+        if float(claims["exp"]) - float(start) > self._max_lifetime_s + self._leeway:
+            raise AuthenticationError(
+                f"The bearer token is valid for longer than {self._max_lifetime_s:.0f} s.",
+                code="invalid_token",
+            )
+
+    def _principal(self, claims: dict[str, Any], local: bool) -> Principal:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise AuthenticationError("The bearer token names no subject.", code="invalid_token")
-        role = _claim(claims, self._claims.role)
-        tenant = _claim(claims, self._claims.tenant) or self._claims.default_tenant
+        values = _claim_values(claims, self._claims.role)
+        if local or self._identity_roles is None:
+            role = next(iter(values)) if len(values) == 1 else ""
+        else:
+            role = next((r for r, v in self._identity_roles.items() if v & values), "")
+        tenants = _claim_values(claims, self._claims.tenant)
+        if len(tenants) > 1:
+            raise AuthenticationError(
+                "The bearer token names several tenants.", code="invalid_token"
+            )
+        tenant = next(iter(tenants), self._claims.default_tenant)
         return Principal(subject=subject, role=role, tenant=tenant)
 
 
-def _claim(claims: dict[str, Any], path: str) -> str:
-    """A claim by dotted path (``realm_access.roles``); a list gives its first item."""
+def _claim_values(claims: dict[str, Any], path: str) -> frozenset[str]:
+    """A claim by dotted path (``realm_access.roles``), as a set of strings."""
     value: Any = claims
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, str):
+        return frozenset({value}) if value else frozenset()
     if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, str) else ""
+        return frozenset(v for v in value if isinstance(v, str) and v)
+    return frozenset()

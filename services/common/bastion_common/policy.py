@@ -112,6 +112,10 @@ class Policy:
     tenant_overrides: dict[str, tuple[Limits, Limits]] = field(default_factory=dict)
     guard_default: GuardRules = field(default_factory=GuardRules)
     guard_tenants: dict[str, GuardRules] = field(default_factory=dict)
+    # Bastion role -> the identity provider's role or group values that grant it,
+    # in the policy's order (the first match wins). Without an [identity] section,
+    # each role is granted by its own name.
+    identity_roles: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Policy:
@@ -154,7 +158,16 @@ class Policy:
             name: GuardRules.parse(spec, guard)
             for name, spec in guard_doc.get("tenants", {}).items()
         }
-        return cls(roles, tenants, principal, tenant, overrides, guard, guard_tenants)
+        mapped = doc.get("identity", {}).get("roles")
+        identity = (
+            {name: frozenset({name}) for name in roles}
+            if mapped is None
+            else {role: frozenset(values) for role, values in mapped.items()}
+        )
+        unknown_roles = set(identity) - set(roles)
+        if unknown_roles:
+            raise ValueError(f"[identity.roles] names unknown roles {sorted(unknown_roles)}")
+        return cls(roles, tenants, principal, tenant, overrides, guard, guard_tenants, identity)
 
     def guard(self, tenant: str) -> GuardRules:
         return self.guard_tenants.get(tenant, self.guard_default)

@@ -6,16 +6,19 @@ point, and passed down from there.
 
 from __future__ import annotations
 
+import ssl
 import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bastion_common.jwtauth import ClaimNames, JwtVerifier, KeyFile, KeyRing
 from bastion_common.keys import Keys
 from bastion_common.policy import Policy
+
+MIN_SECRET_BYTES = 32
 
 
 class CommonSettings(BaseSettings):
@@ -42,15 +45,21 @@ class CommonSettings(BaseSettings):
 class JwtSettings(CommonSettings):
     """For services that check or mint bearer tokens."""
 
-    # The local HS256 secret (kid "local"); generated under data_dir when unset.
+    # The local HS256 secret (kid "local"), at least 32 bytes; generated under
+    # data_dir when unset.
     jwt_secret: SecretStr | None = None
     # Accept tokens signed with the local secret (those `bastion token` mints).
-    jwt_local_key: bool = True
+    # Off unless asked for; `bastion run` asks.
+    jwt_local_key: bool = False
     # Verification keys in files, e.g. [{"kid": "idp-1", "alg": "RS256", "path": "idp.pem"}].
     jwt_key_files: tuple[KeyFile, ...] = ()
-    # A JWKS document: a file path or an http(s) URL, cached for jwks_cache_s.
+    # A JWKS document: a file path or an https:// URL, cached for jwks_cache_s.
     jwt_jwks: str | None = None
+    # CA bundle for the JWKS URL's certificate; the system's when unset.
+    jwt_jwks_ca_file: Path | None = None
     jwks_cache_s: float = Field(300.0, gt=0)
+    # The longest lifetime a token may have (exp after iat), whoever minted it.
+    jwt_max_lifetime_s: float = Field(86400.0, gt=0, le=30 * 86400)
     # Checked when set (an empty value turns the issuer check off).
     jwt_issuer: str = "bastion"
     jwt_audience: str | None = None
@@ -58,6 +67,25 @@ class JwtSettings(CommonSettings):
     jwt_role_claim: str = "role"
     jwt_tenant_claim: str = "tenant"
     jwt_default_tenant: str = "default"
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"the local JWT secret must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _identity_provider(self) -> JwtSettings:
+        if self.jwt_jwks and "://" in self.jwt_jwks and not self.jwt_jwks.startswith("https://"):
+            raise ValueError("BASTION_JWT_JWKS must be an https:// URL or a file path")
+        if (self.jwt_jwks or self.jwt_key_files) and not self.jwt_audience:
+            # Without it, a token the same identity provider minted for another
+            # application would be accepted here.
+            raise ValueError(
+                "BASTION_JWT_AUDIENCE is required when tokens come from an identity provider"
+            )
+        return self
 
     def jwt_key(self) -> str:
         """The HS256 key: from the setting, or the one generated under data_dir."""
@@ -68,11 +96,15 @@ class JwtSettings(CommonSettings):
         return load_or_create_key(self.data_dir / "keys" / "jwt-hs256.key")
 
     def verifier(self) -> JwtVerifier:
+        tls = None
+        if self.jwt_jwks_ca_file is not None:
+            tls = ssl.create_default_context(cafile=str(self.jwt_jwks_ca_file))
         keys = KeyRing(
             local_secret=self.jwt_key() if self.jwt_local_key else None,
             files=self.jwt_key_files,
             jwks=self.jwt_jwks,
             jwks_cache_s=self.jwks_cache_s,
+            tls=tls,
         )
         claims = ClaimNames(self.jwt_role_claim, self.jwt_tenant_claim, self.jwt_default_tenant)
         return JwtVerifier(
@@ -81,6 +113,8 @@ class JwtSettings(CommonSettings):
             audience=self.jwt_audience,
             leeway_s=self.jwt_leeway_s,
             claims=claims,
+            identity_roles=self.policy().identity_roles,
+            max_lifetime_s=self.jwt_max_lifetime_s,
         )
 
 

@@ -32,20 +32,29 @@ class Principal:
 
 
 def load_or_create_key(path: Path) -> str:
-    """Read the signing key at ``path``, creating it (mode 0600) on first use."""
+    """Read the signing key at ``path``, creating it (mode 0600, 48 random bytes)
+    on first use. The key is written whole to a file of its own, then linked
+    into place, so a process starting at the same moment reads the whole key or
+    none, never an empty file; of two racing creators, the first link wins."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key.encode())
-    except BaseException:
+        os.fsync(fd)
+    finally:
         os.close(fd)
-        raise
-    os.close(fd)
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        staging.unlink()
     return key
 
 
