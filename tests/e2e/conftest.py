@@ -15,6 +15,8 @@ import pytest
 import redis
 
 from bastion_cli.stack import Stack, free_port
+from bastion_common import redis_acl
+from bastion_common.keys import Keys
 from bastion_common.tokens import mint
 
 SECRET = "e2e-" + "x" * 44
@@ -155,7 +157,10 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_INSECURE_HTTP": "true",
         **auth_env,
     }
-    stack = Stack(env, log_dir=data_dir / "logs")
+    # Each service on its own Redis user, as bastion run starts them.
+    secrets = {s: uuid.uuid4().hex * 2 for s in redis_acl.SERVICES}
+    urls = redis_acl.service_urls(redis_url, Keys(prefix), secrets)
+    stack = Stack(env, log_dir=data_dir / "logs", redis_urls=urls)
     stack.start()
     try:
         stack.wait_ready(120)
@@ -165,6 +170,7 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         client = redis.Redis.from_url(redis_url)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
+        redis_acl.remove(client, Keys(prefix))
         client.close()
 
 

@@ -121,3 +121,22 @@ async def test_an_auditor_reads_its_own_tenants_rows_only(platform, tenants):
 
     rows = await eventually(all_of_a, 15)
     assert {r["tenant"] for r in rows} == {a}
+
+
+async def test_each_service_talks_to_redis_as_its_own_user_and_is_never_refused(platform, aredis):
+    """The services run on their ACL users (bastion_common.redis_acl); a
+    command a service needs but its user lacks would show in Redis's ACL log."""
+    users = {f"{platform.prefix}-{s}" for s in ("gateway", "guard", "worker", "auditor")}
+    await _completion(platform, "acl-check")
+
+    async def connected():
+        listed = await aredis.execute_command("CLIENT", "LIST")
+        seen = {entry.get("user") for entry in listed} if isinstance(listed, list) else set()
+        if not seen:  # older clients answer one string
+            seen = {f.split("=", 1)[1] for f in str(listed).split() if f.startswith("user=")}
+        return users <= seen
+
+    await eventually(connected, 15)
+    log = await aredis.execute_command("ACL", "LOG")
+    refused = [e for e in log if (e.get("username") if isinstance(e, dict) else None) in users]
+    assert refused == []

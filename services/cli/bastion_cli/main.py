@@ -150,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             # Until the worker has loaded it, the model is unavailable (503), not unknown (404).
             served = os.environ.get("BASTION_MODEL_NAME") or Path(model_path).name
             env["BASTION_MODELS"] = json.dumps([served])
-        stack = Stack(env, ca_file=tls.ca_cert)
+        stack = Stack(env, ca_file=tls.ca_cert, redis_urls=_service_users(redis_url, settings))
         try:
             stack.start()
             stack.wait_ready(READY_TIMEOUT_S)
@@ -177,6 +177,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             stack.stop()
     return 0
+
+
+def _service_users(admin_url: str, settings: JwtSettings) -> dict[str, str]:
+    """Each service's Redis URL with its own ACL user (bastion_common.redis_acl),
+    passwords under the data folder; none where this Redis cannot make users."""
+    import redis
+
+    from bastion_common import redis_acl
+
+    secrets = redis_acl.passwords(settings.data_dir.resolve() / "keys")
+    try:
+        return redis_acl.service_urls(admin_url, settings.keys, secrets)
+    except redis.RedisError as exc:
+        print(
+            f"bastion: could not create the services' Redis users ({exc}); "
+            "every service uses BASTION_REDIS_URL's user",
+            file=sys.stderr,
+        )
+        return {}
 
 
 def _print_welcome(url: str, model: str, token: str, ca_file: Path) -> None:
