@@ -14,6 +14,7 @@ from bastion_auditor.settings import AuditorSettings
 from bastion_auditor.store import AuditStore
 from bastion_common import logs, priority
 from bastion_common.settings import load
+from bastion_common.tls import server_context
 
 
 async def serve(settings: AuditorSettings) -> None:
@@ -24,8 +25,13 @@ async def serve(settings: AuditorSettings) -> None:
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
     runner = web.AppRunner(create_app(settings, store), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.auditor_host, settings.auditor_port).start()
-    log.info("auditor API on http://%s:%d", settings.auditor_host, settings.auditor_port)
+    context = None
+    if settings.internal_tls_cert is not None and settings.internal_tls_key is not None:
+        context = server_context(settings.internal_tls_cert, settings.internal_tls_key)
+    site = web.TCPSite(runner, settings.auditor_host, settings.auditor_port, ssl_context=context)
+    await site.start()
+    scheme = "https" if context is not None else "http"
+    log.info("auditor API on %s://%s:%d", scheme, settings.auditor_host, settings.auditor_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

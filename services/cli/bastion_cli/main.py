@@ -141,6 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "BASTION_PORT": str(args.port),
             "BASTION_TLS_CERT_FILE": str(tls.cert),
             "BASTION_TLS_KEY_FILE": str(tls.key),
+            # The internal hops too: the guard's gRPC with mutual TLS, the auditor's API.
+            "BASTION_INTERNAL_TLS_CA": str(tls.ca_cert),
+            "BASTION_INTERNAL_TLS_CERT": str(tls.internal_cert),
+            "BASTION_INTERNAL_TLS_KEY": str(tls.internal_key),
             "BASTION_AUDITOR_PORT": str(args.auditor_port or AuditorSettings().auditor_port),
         }
         # The local secret signs the tokens `bastion token` mints; on one

@@ -101,7 +101,8 @@ class Stack:
     @property
     def auditor_url(self) -> str:
         host = self.env.get("BASTION_AUDITOR_HOST", "127.0.0.1")
-        return f"http://{host}:{self.env['BASTION_AUDITOR_PORT']}"
+        scheme = "https" if self.env.get("BASTION_INTERNAL_TLS_CERT") else "http"
+        return f"{scheme}://{host}:{self.env['BASTION_AUDITOR_PORT']}"
 
     def start(self, extra: Mapping[str, Mapping[str, str]] | None = None) -> None:
         for name in SERVICES:

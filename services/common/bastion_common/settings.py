@@ -33,10 +33,36 @@ class CommonSettings(BaseSettings):
     # Lower this service's CPU priority by this much at start-up (bastion_common.priority);
     # `bastion run` sets 10 for the gateway, guard and auditor.
     cpu_nice: int = Field(0, ge=0, le=19)
+    # TLS on the internal hops (the guard's gRPC, mutually authenticated, and the
+    # auditor's API): the CA both ends trust, and this service's certificate and
+    # key. Off when unset; `bastion run` sets them from its local CA.
+    internal_tls_ca: Path | None = None
+    internal_tls_cert: Path | None = None
+    internal_tls_key: Path | None = None
 
     @property
     def keys(self) -> Keys:
         return Keys(self.key_prefix)
+
+    @model_validator(mode="after")
+    def _internal_tls_whole(self) -> CommonSettings:
+        given = (self.internal_tls_ca, self.internal_tls_cert, self.internal_tls_key)
+        if any(given) and not all(given):
+            raise ValueError(
+                "BASTION_INTERNAL_TLS_CA, _CERT and _KEY are set together, or none of them"
+            )
+        return self
+
+    def internal_tls(self) -> tuple[bytes, bytes, bytes] | None:
+        """The internal hops' (CA, certificate, key) in PEM, or None when off."""
+        if self.internal_tls_ca is None or self.internal_tls_cert is None:
+            return None
+        assert self.internal_tls_key is not None
+        return (
+            self.internal_tls_ca.read_bytes(),
+            self.internal_tls_cert.read_bytes(),
+            self.internal_tls_key.read_bytes(),
+        )
 
     def policy(self) -> Policy:
         return Policy.load(self.policy_file)

@@ -28,6 +28,14 @@ class LocalTls:
     ca_cert: Path
     cert: Path
     key: Path
+    # For the internal hops (the guard's gRPC, the auditor's API): a certificate
+    # good for both ends of a mutually authenticated connection.
+    internal_cert: Path
+    internal_key: Path
+
+    @property
+    def internal(self) -> tuple[Path, Path]:
+        return self.internal_cert, self.internal_key
 
 
 def _name(common_name: str) -> x509.Name:
@@ -52,8 +60,14 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def ensure_local_tls(directory: Path) -> LocalTls:
     """The local CA and server certificate under ``directory``, made if missing."""
-    paths = LocalTls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    if all(p.is_file() for p in (paths.ca_cert, paths.cert, paths.key)):
+    paths = LocalTls(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "internal.pem",
+        directory / "internal.key",
+    )
+    if all(p.is_file() for p in (paths.ca_cert, paths.cert, paths.key, *paths.internal)):
         return paths
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -83,29 +97,32 @@ def ensure_local_tls(directory: Path) -> LocalTls:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
     names = [
         x509.DNSName("localhost"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+    usages = x509.oid.ExtendedKeyUsageOID
+    for cert_path, key_path, name, uses in (
+        (paths.cert, paths.key, "localhost", [usages.SERVER_AUTH]),
+        (*paths.internal, "bastion internal", [usages.SERVER_AUTH, usages.CLIENT_AUTH]),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(uses), critical=False)
+            .sign(ca_key, hashes.SHA256())
         )
-        .sign(ca_key, hashes.SHA256())
-    )
+        _write_key(key_path, key)
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     # The CA's key is not kept: nothing else will ever be signed with it.
-    _write_key(paths.key, key)
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return paths

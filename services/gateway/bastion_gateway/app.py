@@ -40,7 +40,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     policy = app[keys.POLICY]
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
-    guard = GuardClient(settings.guard_target, settings.guard_timeout_s)
+    guard = GuardClient(settings.guard_target, settings.guard_timeout_s, settings.internal_tls())
     broker = Broker(redis, settings.keys)
     limiter = RateLimiter(redis, settings.keys, policy)
     app[keys.BROKER] = broker

@@ -25,8 +25,16 @@ UNAVAILABLE = "The guard service is unavailable; the request was not processed."
 
 
 class GuardClient:
-    def __init__(self, target: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str, timeout_s: float, tls: tuple[bytes, bytes, bytes] | None = None
+    ) -> None:
+        """``tls``: (CA, client certificate, key) in PEM for mutual TLS, or None."""
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            ca, cert, key = tls
+            credentials = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+            self._channel = grpc.aio.secure_channel(target, credentials)
         self._stub = guard_pb2_grpc.GuardStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_s

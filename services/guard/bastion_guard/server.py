@@ -211,9 +211,16 @@ async def start(
     guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(settings, baseline), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(
-        f"{settings.guard_host}:{settings.guard_port if port is None else port}"
-    )
+    address = f"{settings.guard_host}:{settings.guard_port if port is None else port}"
+    tls = settings.internal_tls()
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:  # mutual TLS: only a client with a certificate from the same CA gets in
+        ca, cert, key = tls
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        bound = server.add_secure_port(address, credentials)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
