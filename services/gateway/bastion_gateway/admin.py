@@ -53,15 +53,18 @@ async def create_key(request: web.Request) -> web.Response:
 
 @routes.get("/v1/admin/keys", name="keys_list")
 async def list_keys(request: web.Request) -> web.Response:
-    caller = keys.principal(request)
-    tenant = None if request.app[keys.POLICY].spans_tenants(caller) else caller.tenant
-    records = await request.app[keys.API_KEYS].list(tenant)
+    records = await request.app[keys.API_KEYS].list(_scope(request))
     return web.json_response({"object": "list", "data": [r.public() for r in records]})
 
 
 @routes.delete("/v1/admin/keys/{key_id}", name="keys_revoke")
 async def revoke_key(request: web.Request) -> web.Response:
-    caller = keys.principal(request)
-    tenant = None if request.app[keys.POLICY].spans_tenants(caller) else caller.tenant
-    record = await request.app[keys.API_KEYS].revoke(request.match_info["key_id"], tenant)
+    key_id = request.match_info["key_id"]
+    record = await request.app[keys.API_KEYS].revoke(key_id, _scope(request))
     return web.json_response(record.public())
+
+
+def _scope(request: web.Request) -> str | None:
+    """The tenant whose keys the caller manages; None for the operator (all)."""
+    caller = keys.principal(request)
+    return None if request.app[keys.POLICY].spans_tenants(caller) else caller.tenant
