@@ -104,8 +104,11 @@ def _redis(url: str, data_dir: Path) -> Iterator[str]:
     if redis_answers(url):
         yield url
         return
+    from bastion_common.tokens import load_or_create_key
+
     print(f"No Redis at {url}; starting an embedded Valkey.", flush=True)
-    with embedded_valkey(data_dir / "valkey") as embedded_url:
+    password = load_or_create_key(data_dir / "keys" / "redis-admin.pass")
+    with embedded_valkey(data_dir / "valkey", password=password) as embedded_url:
         yield embedded_url
 
 

