@@ -61,3 +61,18 @@ def test_the_generated_key_is_never_read_half_written(tmp_path: Path) -> None:
     assert keys[0] == path.read_text()
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging file left
+
+
+def test_internal_tls_takes_a_certificate_with_its_key_and_ca(tmp_path: Path) -> None:
+    from bastion_common.settings import CommonSettings
+
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "c.key"))
+    for n in (ca, cert, key):
+        n.write_text("x")
+    assert CommonSettings(internal_tls_ca=ca).internal_tls() is None  # the CA alone: off
+    assert CommonSettings(
+        internal_tls_ca=ca, internal_tls_cert=cert, internal_tls_key=key
+    ).internal_tls() == (b"x", b"x", b"x")
+    for partial in ({"internal_tls_cert": cert}, {"internal_tls_ca": ca, "internal_tls_key": key}):
+        with pytest.raises(ValidationError, match="INTERNAL_TLS"):
+            CommonSettings(**partial)

@@ -146,8 +146,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "BASTION_TLS_KEY_FILE": str(tls.key),
             # The internal hops too: the guard's gRPC with mutual TLS, the auditor's API.
             "BASTION_INTERNAL_TLS_CA": str(tls.ca_cert),
-            "BASTION_INTERNAL_TLS_CERT": str(tls.internal_cert),
-            "BASTION_INTERNAL_TLS_KEY": str(tls.internal_key),
             "BASTION_AUDITOR_PORT": str(args.auditor_port or AuditorSettings().auditor_port),
         }
         # The local secret signs the tokens `bastion token` mints; on one
@@ -159,7 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             env["BASTION_MODELS"] = json.dumps([served])
         stack = Stack(env, ca_file=tls.ca_cert, redis_urls=_service_users(redis_url, settings))
         try:
-            stack.start()
+            # The internal certificate's key goes only to the services on those hops.
+            internal = {
+                "BASTION_INTERNAL_TLS_CERT": str(tls.internal_cert),
+                "BASTION_INTERNAL_TLS_KEY": str(tls.internal_key),
+            }
+            stack.start({name: internal for name in ("gateway", "guard", "auditor")})
             stack.wait_ready(READY_TIMEOUT_S)
             # A short-lived user token to try it with; never an admin token on a terminal.
             token = mint(

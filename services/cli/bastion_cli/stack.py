@@ -113,7 +113,7 @@ class Stack:
     @property
     def auditor_url(self) -> str:
         host = self.env.get("BASTION_AUDITOR_HOST", "127.0.0.1")
-        scheme = "https" if self.env.get("BASTION_INTERNAL_TLS_CERT") else "http"
+        scheme = "https" if self.env.get("BASTION_INTERNAL_TLS_CA") else "http"
         return f"{scheme}://{host}:{self.env['BASTION_AUDITOR_PORT']}"
 
     def start(self, extra: Mapping[str, Mapping[str, str]] | None = None) -> None:

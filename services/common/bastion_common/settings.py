@@ -46,10 +46,12 @@ class CommonSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _internal_tls_whole(self) -> CommonSettings:
-        given = (self.internal_tls_ca, self.internal_tls_cert, self.internal_tls_key)
-        if any(given) and not all(given):
+        # The CA alone is fine (a service on no internal hop, such as the worker).
+        if (self.internal_tls_cert is None) != (self.internal_tls_key is None) or (
+            self.internal_tls_cert is not None and self.internal_tls_ca is None
+        ):
             raise ValueError(
-                "BASTION_INTERNAL_TLS_CA, _CERT and _KEY are set together, or none of them"
+                "BASTION_INTERNAL_TLS_CERT and _KEY are set together, with BASTION_INTERNAL_TLS_CA"
             )
         return self
 
@@ -57,7 +59,7 @@ class CommonSettings(BaseSettings):
         """The internal hops' (CA, certificate, key) in PEM, or None when off."""
         if self.internal_tls_ca is None or self.internal_tls_cert is None:
             return None
-        assert self.internal_tls_key is not None
+        assert self.internal_tls_key is not None  # the validator pairs them
         return (
             self.internal_tls_ca.read_bytes(),
             self.internal_tls_cert.read_bytes(),
