@@ -129,6 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_path = prepare(data_dir / "models")
 
     def _stop(signum: int, frame: object) -> None:
+        # Once: a second signal (a wrapper forwarding the first, an impatient
+        # Ctrl-C) must not break off the stop and leave services running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     # SIGINT too: a shell that starts the launcher in the background leaves
