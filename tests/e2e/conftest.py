@@ -4,6 +4,7 @@ embedded ClickHouse engine, the tiny model."""
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import redis
 from bastion_cli.stack import Stack, free_port
 from bastion_common import redis_acl
 from bastion_common.keys import Keys
+from bastion_common.tls import ensure_local_tls
 from bastion_common.tokens import mint
 
 SECRET = "e2e-" + "x" * 44
@@ -110,10 +112,15 @@ class Platform:
     data_dir: Path
     redis_url: str
     signing: SigningKeys
+    internal_ca: Path  # the CA of the internal hops: the auditor's API serves HTTPS
 
     @property
     def url(self) -> str:
         return self.stack.gateway_url
+
+    @property
+    def auditor_ssl(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.internal_ca))
 
     def token(
         self, role: str = "user", subject: str = "e2e-user", ttl_s: int = 600, tenant: str = "e2e"
@@ -139,7 +146,6 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_REDIS_URL": redis_url,
         "BASTION_KEY_PREFIX": prefix,
         "BASTION_DATA_DIR": str(data_dir),
-        "BASTION_JWT_SECRET": SECRET,
         "BASTION_JWT_LOCAL_KEY": "true",
         "BASTION_MODEL_PATH": str(tiny_model_path),
         "BASTION_PORT": str(free_port()),
@@ -157,14 +163,25 @@ def platform(tmp_path_factory, tiny_model_path, redis_url) -> Iterator[Platform]
         "BASTION_INSECURE_HTTP": "true",
         **auth_env,
     }
-    # Each service on its own Redis user, as bastion run starts them.
-    secrets = {s: uuid.uuid4().hex * 2 for s in redis_acl.SERVICES}
-    urls = redis_acl.service_urls(redis_url, Keys(prefix), secrets)
-    stack = Stack(env, log_dir=data_dir / "logs", redis_urls=urls)
+    # As bastion run starts them: each service on its own Redis user, the
+    # internal hops on TLS, and each secret only where it is used.
+    tls = ensure_local_tls(tmp_path_factory.mktemp("tls"))
+    env["BASTION_INTERNAL_TLS_CA"] = str(tls.ca_cert)
+    passwords = {s: uuid.uuid4().hex * 2 for s in redis_acl.SERVICES}
+    urls = redis_acl.service_urls(redis_url, Keys(prefix), passwords)
+    service_env = {s: {"BASTION_REDIS_URL": url} for s, url in urls.items()}
+    for name in ("gateway", "guard", "auditor"):
+        service_env[name]["BASTION_INTERNAL_TLS_CERT"] = str(tls.internal_cert)
+        service_env[name]["BASTION_INTERNAL_TLS_KEY"] = str(tls.internal_key)
+    for name in ("gateway", "auditor"):
+        service_env[name]["BASTION_JWT_SECRET"] = SECRET
+    stack = Stack(env, log_dir=data_dir / "logs", service_env=service_env)
     stack.start()
     try:
         stack.wait_ready(120)
-        yield Platform(stack, tiny_model_path.name, prefix, data_dir, redis_url, signing)
+        yield Platform(
+            stack, tiny_model_path.name, prefix, data_dir, redis_url, signing, tls.ca_cert
+        )
     finally:
         stack.stop()
         client = redis.Redis.from_url(redis_url)

@@ -48,7 +48,7 @@ async def _audit_rows(platform: Platform, role: str = "auditor", **filters):
     headers = {"Authorization": f"Bearer {platform.token(role=role, subject='sec-team')}"}
     async with aiohttp.ClientSession(headers=headers) as http:
         url = f"{platform.stack.auditor_url}/v1/audit/requests"
-        async with http.get(url, params=filters) as reply:
+        async with http.get(url, params=filters, ssl=platform.auditor_ssl) as reply:
             return reply.status, await reply.json()
 
 

@@ -25,7 +25,7 @@ async def _audit(platform: Platform, request_id: str) -> dict:
 
     async def row():
         async with aiohttp.ClientSession(headers=headers) as http:
-            async with http.get(url, params={"id": request_id}) as reply:
+            async with http.get(url, params={"id": request_id}, ssl=platform.auditor_ssl) as reply:
                 return (await reply.json())["data"]
 
     (found,) = await eventually(row, 15)

@@ -23,8 +23,10 @@ async def _call(
     platform: Platform, method: str, path: str, token: str, body: dict | None = None, url=None
 ) -> tuple[int, dict]:
     headers = {"Authorization": f"Bearer {token}"}
+    tls = platform.auditor_ssl if url == platform.stack.auditor_url else None
     async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.request(method, f"{url or platform.url}{path}", json=body) as reply:
+        target = f"{url or platform.url}{path}"
+        async with http.request(method, target, json=body, ssl=tls) as reply:
             return reply.status, await reply.json()
 
 

@@ -159,14 +159,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             # Until the worker has loaded it, the model is unavailable (503), not unknown (404).
             served = os.environ.get("BASTION_MODEL_NAME") or Path(model_path).name
             env["BASTION_MODELS"] = json.dumps([served])
-        stack = Stack(env, ca_file=tls.ca_cert, redis_urls=_service_users(redis_url, settings))
+        service_env = {
+            s: {"BASTION_REDIS_URL": url} for s, url in _service_users(redis_url, settings).items()
+        }
+        # The internal certificate's key goes only to the services on those hops.
+        for name in ("gateway", "guard", "auditor"):
+            service_env.setdefault(name, {}).update(
+                BASTION_INTERNAL_TLS_CERT=str(tls.internal_cert),
+                BASTION_INTERNAL_TLS_KEY=str(tls.internal_key),
+            )
+        stack = Stack(env, ca_file=tls.ca_cert, service_env=service_env)
         try:
-            # The internal certificate's key goes only to the services on those hops.
-            internal = {
-                "BASTION_INTERNAL_TLS_CERT": str(tls.internal_cert),
-                "BASTION_INTERNAL_TLS_KEY": str(tls.internal_key),
-            }
-            stack.start({name: internal for name in ("gateway", "guard", "auditor")})
+            stack.start()
             stack.wait_ready(READY_TIMEOUT_S)
             # A short-lived user token to try it with; never an admin token on a terminal.
             token = mint(

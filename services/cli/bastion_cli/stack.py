@@ -99,8 +99,9 @@ class Stack:
     ca_file: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
-    # Each service's own Redis URL (its ACL user, bastion_common.redis_acl), by module.
-    redis_urls: dict[str, str] = field(default_factory=dict)
+    # Settings only one service gets, by module: its own Redis URL (its ACL user,
+    # bastion_common.redis_acl), and secrets the others have no use for.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # How each service was started: its module and extra environment.
     _specs: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
@@ -127,7 +128,7 @@ class Stack:
         module = module or name
         self._specs[name] = (module, dict(extra or {}))
         defaults = {} if module == "worker" else {"BASTION_CPU_NICE": FRONT_NICE}
-        own = {"BASTION_REDIS_URL": self.redis_urls[module]} if module in self.redis_urls else {}
+        own = self.service_env.get(module, {})
         env = {**defaults, **os.environ, **self.env, **own, **(extra or {})}
         out: IO[bytes] | None = None
         if self.log_dir is not None:
