@@ -56,8 +56,8 @@ def create_app(settings: AuditorSettings, store: AuditStore) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[STORE] = store
-    app[VERIFIER] = settings.verifier()
     app[POLICY] = settings.policy()
+    app[VERIFIER] = settings.verifier(app[POLICY])
     app.router.add_get("/v1/audit/requests", audit_requests)
     app.router.add_get("/healthz", _ok)
     return app

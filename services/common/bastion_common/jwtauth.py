@@ -121,11 +121,6 @@ class KeyRing:
         self._lock = asyncio.Lock()
         self._tls = tls
 
-    @property
-    def local_only(self) -> bool:
-        """Whether the only key is the local secret."""
-        return not self._jwks_source and set(self._static) <= {LOCAL_KID}
-
     async def find(self, kid: str | None, alg: str) -> BoundKey:
         key = await self._lookup(kid)
         if key is None:

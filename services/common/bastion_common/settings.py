@@ -123,7 +123,9 @@ class JwtSettings(CommonSettings):
 
         return load_or_create_key(self.data_dir / "keys" / "jwt-hs256.key")
 
-    def verifier(self) -> JwtVerifier:
+    def verifier(self, policy: Policy | None = None) -> JwtVerifier:
+        """The token checker; ``policy`` (the one the service enforces, loaded
+        once) maps identity-provider roles, else the policy is loaded here."""
         tls = None
         if self.jwt_jwks_ca_file is not None:
             tls = ssl.create_default_context(cafile=str(self.jwt_jwks_ca_file))
@@ -141,7 +143,7 @@ class JwtSettings(CommonSettings):
             audience=self.jwt_audience,
             leeway_s=self.jwt_leeway_s,
             claims=claims,
-            identity_roles=self.policy().identity_roles,
+            identity_roles=(policy or self.policy()).identity_roles,
             max_lifetime_s=self.jwt_max_lifetime_s,
         )
 

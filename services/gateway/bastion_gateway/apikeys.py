@@ -25,7 +25,8 @@ from bastion_common.keys import Keys
 from bastion_common.tokens import Principal
 
 PREFIX = "bst_"
-_SHAPE = re.compile(r"^bst_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_KEY_ID = r"[0-9a-f]{16}"
+_SHAPE = re.compile(rf"^bst_({_KEY_ID})_([A-Za-z0-9_-]{{43}})$")
 
 
 class ApiKeyRecord(BaseModel):
@@ -107,7 +108,7 @@ class ApiKeyStore:
     async def revoke(self, key_id: str, tenant: str | None = None) -> ApiKeyRecord:
         """Revoke a key (of ``tenant`` only, when given: another tenant's key is
         answered as if it did not exist, so its id tells nothing)."""
-        record = await self.get(key_id) if re.fullmatch(r"[0-9a-f]{16}", key_id) else None
+        record = await self.get(key_id) if re.fullmatch(_KEY_ID, key_id) else None
         if record is None or (tenant is not None and record.tenant != tenant):
             raise NotFoundError(f"There is no API key '{key_id}'.", code="key_not_found")
         revoked = record.model_copy(update={"revoked_at": time.time()})

@@ -25,8 +25,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         client_max_size=settings.max_body_bytes, middlewares=[errors, authenticate]
     )
     app[keys.SETTINGS] = settings
-    app[keys.VERIFIER] = settings.verifier()
     app[keys.POLICY] = settings.policy()
+    app[keys.VERIFIER] = settings.verifier(app[keys.POLICY])
     app[keys.METRICS] = GatewayMetrics()
     app[keys.OPENAPI] = json.dumps(openapi.document()).encode()
     app.cleanup_ctx.append(_clients)
